@@ -1,0 +1,198 @@
+// CPU constructions of T (tt.match) and the fused reduction step (tt.transform). The cosine
+// similarities come from one batched GEMM, computed exactly as the reference does, so that
+// selections (and ties, which go to the lower index) agree bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "../tt.h"
+
+namespace tt {
+namespace {
+
+constexpr float kNormEps = 1e-12f;
+constexpr float kScoreEps = 1e-30f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+at::Tensor cosine_similarity(const at::Tensor& metric) {
+  auto m = metric.to(at::kFloat);
+  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kNormEps);
+  return at::bmm(m, m.transpose(1, 2)).contiguous();
+}
+
+// Sorts `tokens` by key, descending; equal keys keep ascending token order.
+void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key) {
+  std::stable_sort(tokens.begin(), tokens.end(),
+                   [&](int64_t a, int64_t b) { return key[a] > key[b]; });
+}
+
+// One image: fills dst/weight [N, K] from similarities `sim` [N, N] (or null) and `score` [N].
+void match_image(const Construction& c, const float* sim, const float* score, const float* size,
+                 int64_t* dst, float* weight) {
+  const int64_t N = c.tokens, P = c.prefix, K = c.slots();
+  std::vector<char> keep(N, 1);
+  std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
+  std::vector<int64_t> order;
+  std::vector<float> key(N, kNegInf);
+  if (c.by_importance()) {
+    // Keep the highest scores; on ties the lower index stays.
+    for (int64_t j = P; j < N; ++j) order.push_back(j);
+    for (int64_t j = P; j < N; ++j) key[j] = score[j];
+    sort_descending(order, key);
+    const int64_t n_keep = N - c.r - P - (c.method == Method::Evit && c.r > 0 ? 1 : 0);
+    for (size_t i = n_keep; i < order.size(); ++i) keep[order[i]] = 0;
+  } else {
+    // Remove the r most redundant A tokens (ToMe's bipartite choice), optionally mixed with
+    // unimportance.
+    float top_score = kScoreEps;
+    if (c.alpha > 0)
+      for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
+    const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
+    const int64_t first_a = P + (P % 2), first_b = P + 1 - (P % 2);
+    for (int64_t a = first_a; a < N; a += 2) {
+      const float* row = sim + a * N;
+      float best = kNegInf;
+      for (int64_t b = first_b; b < N; b += 2)
+        if (row[b] > best) best = row[b], best_b[a] = b;
+      key[a] = c.alpha > 0 ? best * w_red + (1.f - score[a] / top_score) * w_imp : best;
+      order.push_back(a);
+    }
+    sort_descending(order, key);
+    for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
+  }
+
+  std::vector<int64_t> row_of(N);
+  for (int64_t j = 0, rows = 0; j < N; ++j) row_of[j] = keep[j] ? rows++ : rows - 1;
+  std::fill(dst, dst + N * K, 0);
+  std::fill(weight, weight + N * K, 0.f);
+
+  float fused_mass = 0, fused_norm = 0;  // evit: sum(size) and sum(score * size) of the fused
+  if (c.method == Method::Evit)
+    for (int64_t j = 0; j < N; ++j)
+      if (!keep[j]) fused_mass += size[j], fused_norm += score[j] * size[j];
+
+  std::vector<int64_t> top(K);
+  std::vector<float> cos(K);
+  for (int64_t j = 0; j < N; ++j) {
+    int64_t* d = dst + j * K;
+    float* w = weight + j * K;
+    if (keep[j]) {
+      d[0] = row_of[j];
+      w[0] = 1.f;
+      continue;
+    }
+    switch (c.method) {
+      case Method::Prune:
+        break;
+      case Method::Evit:
+        d[0] = N - c.r - 1;
+        w[0] = score[j] * fused_mass / std::max(fused_norm, kScoreEps);
+        break;
+      case Method::Tome:
+        d[0] = row_of[best_b[j]];
+        w[0] = 1.f;
+        break;
+      case Method::Transform: {
+        // The k most similar allowed targets, by insertion into a descending list (strict > keeps
+        // the lower index on ties).
+        int64_t found = 0;
+        const float* row = sim + j * N;
+        for (int64_t t = P; t < N; ++t) {
+          if (!keep[t] || (c.targets_b && t % 2 == 0)) continue;
+          if (found == K && !(row[t] > cos[K - 1])) continue;
+          int64_t pos = std::min(found, K - 1);
+          while (pos > 0 && row[t] > cos[pos - 1]) {
+            cos[pos] = cos[pos - 1];
+            top[pos] = top[pos - 1];
+            --pos;
+          }
+          cos[pos] = row[t];
+          top[pos] = t;
+          found = std::min(found + 1, K);
+        }
+        if (found == 0) break;  // nowhere to go: pruned
+        // softmax(cos / tau) over the targets found, as torch.softmax computes it.
+        const float tau = static_cast<float>(c.tau);
+        float peak = kNegInf, total = 0;
+        for (int64_t s = 0; s < found; ++s) peak = std::max(peak, cos[s] / tau);
+        for (int64_t s = 0; s < found; ++s) total += (w[s] = std::exp(cos[s] / tau - peak));
+        for (int64_t s = 0; s < found; ++s) {
+          w[s] /= total;
+          d[s] = row_of[top[s]];
+        }
+        break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
+                                                  const std::optional<at::Tensor>& metric,
+                                                  const std::optional<at::Tensor>& score_in,
+                                                  const at::Tensor& size_in) {
+  const int64_t B = c.batch, N = c.tokens, K = c.slots();
+  const auto opts = size_in.options();
+  auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
+  auto weight = at::empty({B, N, K}, opts);
+  const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
+  const at::Tensor sim = needs_sim ? cosine_similarity(*metric) : at::Tensor();
+  const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
+  const at::Tensor size = size_in.contiguous();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      match_image(c, needs_sim ? sim.data_ptr<float>() + b * N * N : nullptr,
+                  score.defined() ? score.data_ptr<float>() + b * N : nullptr,
+                  size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
+                  weight.data_ptr<float>() + b * N * K);
+  });
+  return {dst, weight};
+}
+
+namespace {
+
+at::Tensor unit_size(const Construction& c, const std::optional<at::Tensor>& metric,
+                     const std::optional<at::Tensor>& score) {
+  const auto& ref = metric.has_value() ? *metric : *score;
+  return at::ones({c.batch, c.tokens}, ref.options().dtype(at::kFloat));
+}
+
+std::tuple<at::Tensor, at::Tensor> match_cpu(const std::optional<at::Tensor>& metric,
+                                             const std::optional<at::Tensor>& score,
+                                             const std::optional<at::Tensor>& size, int64_t r,
+                                             c10::string_view method, int64_t k, double tau,
+                                             double alpha, c10::string_view targets,
+                                             int64_t prefix) {
+  const Construction c =
+      check_match("tt.match", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+  return match_cpu_impl(c, metric, score, size.has_value() ? *size : unit_size(c, metric, score));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_cpu(
+    const at::Tensor& x, const at::Tensor& size, const std::optional<at::Tensor>& metric,
+    const std::optional<at::Tensor>& score, int64_t r, c10::string_view method, int64_t k,
+    double tau, double alpha, c10::string_view targets, int64_t prefix, c10::string_view mode) {
+  const char* op = "tt.transform";
+  const Construction c =
+      check_match(op, metric, score, size, r, method, k, tau, alpha, targets, prefix);
+  const bool mean = check_transform(x, size, c, mode);
+  auto [dst, weight] = match_cpu_impl(c, metric, score, size);
+  auto [x_out, size_out] = apply_cpu_impl(x, size, dst, weight, c.tokens - c.r, mean);
+  return {x_out, size_out, dst, weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tt, CPU, m) {
+  m.impl("match", &match_cpu);
+  m.impl("transform", &transform_cpu);
+}
+
+}  // namespace tt

@@ -1,0 +1,48 @@
+// Shared declarations of the tt operators: argument checks (used by every backend) and the CPU
+// kernels that the fused transform composes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace tt {
+
+enum class Method { Prune, Evit, Tome, Transform };
+
+// A construction of T, validated. K is the number of slots per input token.
+struct Construction {
+  Method method;
+  int64_t batch, tokens, r, k, prefix;
+  double tau, alpha;
+  bool targets_b;  // targets restricted to ToMe's B set
+  int64_t slots() const { return method == Method::Transform ? k : 1; }
+  bool by_importance() const {
+    return method == Method::Prune || method == Method::Evit || alpha == 1.0;
+  }
+};
+
+Construction check_match(const char* op, const std::optional<at::Tensor>& metric,
+                         const std::optional<at::Tensor>& score,
+                         const std::optional<at::Tensor>& size, int64_t r,
+                         c10::string_view method, int64_t k, double tau, double alpha,
+                         c10::string_view targets, int64_t prefix);
+bool check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
+                 const at::Tensor& weight, int64_t n_out, c10::string_view mode);
+bool check_transform(const at::Tensor& x, const at::Tensor& size, const Construction& c,
+                     c10::string_view mode);
+void check_untransform(const at::Tensor& y, const at::Tensor& dst, const at::Tensor& weight);
+double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
+                           const std::optional<at::Tensor>& size, std::optional<double> scale);
+
+// CPU kernels on validated, contiguous inputs.
+std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
+                                                  const std::optional<at::Tensor>& metric,
+                                                  const std::optional<at::Tensor>& score,
+                                                  const at::Tensor& size);
+std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x, const at::Tensor& size,
+                                                  const at::Tensor& dst, const at::Tensor& weight,
+                                                  int64_t n_out, bool mean);
+
+}  // namespace tt

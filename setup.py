@@ -1,0 +1,51 @@
+"""Builds tt_kernels._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and
+nvcc is found. TT_BUILD_CUDA=0 forces CUDA off, TT_BUILD_CUDA=1 makes its absence an error.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 9.0+PTX when no GPU is visible);
+MAX_JOBS caps parallel compilation."""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def want_cuda():
+    switch = os.environ.get("TT_BUILD_CUDA", "auto")
+    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch == "1" and not possible:
+        raise RuntimeError(
+            f"TT_BUILD_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc was not "
+            f"found (CUDA_HOME={CUDA_HOME}); set CUDA_HOME to the toolkit root")
+    return possible and switch != "0"
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    if not want_cuda():
+        print("tt_kernels: building the C++ CPU kernels only (no CUDA torch or nvcc)")
+        return CppExtension("tt_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=["-fopenmp"])
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+    print(f"tt_kernels: building CPU and CUDA kernels for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-lineinfo"]
+    return CUDAExtension("tt_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="tt_kernels",
+    version="0.1.0",
+    description="Token Transforming for Vision Transformers: fused token-reduction kernels",
+    packages=["tt_kernels", "tt_kernels.reference", "tt_kernels.triton_kernels"],
+    # Our Triton kernels live in the top-level triton_kernels/ folder but install under our own
+    # namespace, so they never clash with the published `triton_kernels` package.
+    package_dir={"tt_kernels.triton_kernels": "triton_kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "numpy"],
+)

@@ -1,0 +1,114 @@
+"""The one door to the C++ operators ``torch.ops.tt.*``.
+
+Importing this module loads the compiled library (which registers the CPU and, when built, CUDA
+kernels) and adds what lives in Python: fake kernels, so that ``torch.compile(fullgraph=True)``
+traces through the ops with static shapes, and autograd for ``apply``, ``transform`` (in x) and
+``untransform`` (in y). The C++ kernels copy non-contiguous inputs to contiguous ones.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading it registers the kernels)
+
+ops = torch.ops.tt
+
+
+def _slots(method, k):
+    return k if method == "transform" else 1
+
+
+@torch.library.register_fake("tt::match")
+def _(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+      targets="all", prefix=1):
+    ref = metric if metric is not None else score
+    B, N = ref.shape[:2]
+    K = _slots(method, k)
+    return ref.new_empty(B, N, K, dtype=torch.long), ref.new_empty(B, N, K, dtype=torch.float32)
+
+
+@torch.library.register_fake("tt::apply")
+def _(x, size, dst, weight, n_out, mode="mean"):
+    B, _, C = x.shape
+    return x.new_empty(B, n_out, C), size.new_empty(B, n_out)
+
+
+@torch.library.register_fake("tt::untransform")
+def _(y, dst, weight):
+    B, N, _ = dst.shape
+    return y.new_empty(B, N, y.shape[-1])
+
+
+@torch.library.register_fake("tt::transform")
+def _(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+      targets="all", prefix=1, mode="mean"):
+    B, N, C = x.shape
+    K = _slots(method, k)
+    return (x.new_empty(B, N - r, C), size.new_empty(B, N - r),
+            x.new_empty(B, N, K, dtype=torch.long), size.new_empty(B, N, K))
+
+
+@torch.library.register_fake("tt::cls_attention")
+def _(q, k, size=None, scale=None):
+    B, _, N, _ = k.shape
+    return k.new_empty(B, N, dtype=torch.float32)
+
+
+# Gradients. With a_ij the share of input j in output row i, x' = A x, so dL/dx = A^T g.
+# A^T is a gather from the rows each input token feeds: exactly untransform, rescaled per token.
+def _apply_backward(grad_out, size, dst, weight, size_out, mean):
+    if mean:
+        # a_ij = w_ij * size_j / size'_i
+        grad_out = grad_out / torch.where(size_out > 0, size_out, 1.0)[..., None]
+        per_token = weight.sum(-1) * size
+    else:
+        per_token = weight.sum(-1)
+    return ops.untransform(grad_out, dst, weight) * per_token[..., None].to(grad_out.dtype)
+
+
+def _apply_setup(ctx, inputs, output):
+    x, size, dst, weight, n_out, mode = inputs
+    ctx.save_for_backward(size, dst, weight, output[1])
+    ctx.mean = mode == "mean"
+
+
+def _apply_grad(ctx, grad_x_out, grad_size_out):
+    size, dst, weight, size_out = ctx.saved_tensors
+    return _apply_backward(grad_x_out, size, dst, weight, size_out, ctx.mean), None, None, None, \
+        None, None
+
+
+torch.library.register_autograd("tt::apply", _apply_grad, setup_context=_apply_setup)
+
+
+def _transform_setup(ctx, inputs, output):
+    size = inputs[1]
+    mode = inputs[11] if len(inputs) > 11 else "mean"
+    ctx.save_for_backward(size, output[2], output[3], output[1])
+    ctx.mean = mode == "mean"
+
+
+def _transform_grad(ctx, grad_x_out, *unused):
+    size, dst, weight, size_out = ctx.saved_tensors
+    return (_apply_backward(grad_x_out, size, dst, weight, size_out, ctx.mean),) + (None,) * 11
+
+
+torch.library.register_autograd("tt::transform", _transform_grad, setup_context=_transform_setup)
+
+
+def _untransform_setup(ctx, inputs, output):
+    y, dst, weight = inputs
+    ctx.save_for_backward(dst, weight)
+    ctx.n_y = y.shape[1]
+
+
+def _untransform_grad(ctx, grad):
+    # x_full[j] = sum_k c_jk y[dst_jk] with c = w / sum_k w: the transpose is a plain "sum" apply.
+    dst, weight = ctx.saved_tensors
+    total = weight.sum(-1, keepdim=True)
+    coef = torch.where(total > 0, weight / torch.where(total > 0, total, 1.0), 0.0)
+    ones = torch.ones(dst.shape[:2], dtype=torch.float32, device=dst.device)
+    grad_y, _ = ops.apply(grad, ones, dst, coef, ctx.n_y, "sum")
+    return grad_y, None, None
+
+
+torch.library.register_autograd("tt::untransform", _untransform_grad,
+                                setup_context=_untransform_setup)

@@ -1,0 +1,133 @@
+"""Reference constructions of the sparse transformation T (the spec in code).
+
+Every construction returns ``dst`` int64 [B, N, K] and ``weight`` fp32 [B, N, K] in the ELL-by-column
+format of ``sparse.py``. Output order: the ``prefix`` protected tokens first, then the kept tokens in
+ascending original index (evit's fused token last). Ties are broken towards the lower index, always
+through stable sorts. Unused slots carry weight 0 and dst 0.
+"""
+import torch
+
+NORM_EPS = 1e-12  # cosine of a zero vector is 0, not NaN
+SCORE_EPS = 1e-30  # an all-zero score must not divide by zero
+
+
+def similarity(metric):
+    """Cosine similarity of all token pairs, [B, N, N] fp32."""
+    m = metric.float()
+    m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return torch.bmm(m, m.transpose(1, 2))
+
+
+def bipartite_sets(n, prefix, device=None):
+    """ToMe's split of the unprotected tokens by index parity: A (even, may leave) and B (odd)."""
+    idx = torch.arange(n, device=device)
+    free = idx >= prefix
+    return free & (idx % 2 == 0), free & (idx % 2 == 1)
+
+
+def _largest(values, count):
+    """Indices of the `count` largest values along the last dim; ties go to the lower index."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :count]
+
+
+def _mask_of(indices, like):
+    return torch.zeros_like(like, dtype=torch.bool).scatter_(1, indices, True)
+
+
+def _keep_by_score(score, n_keep, prefix):
+    """The prefix plus the n_keep highest-scoring other tokens."""
+    ranked = score.float().clone()
+    ranked[:, :prefix] = torch.inf
+    return _mask_of(_largest(ranked, prefix + n_keep), ranked)
+
+
+def _best_b_match(sim, b):
+    """Each token's most similar B token: (similarity, index)."""
+    masked = sim.masked_fill(~b, -torch.inf)
+    best = _largest(masked, 1)
+    return masked.gather(-1, best)[..., 0], best[..., 0]
+
+
+def _unimportance(score, prefix):
+    """1 - score / max score over the unprotected tokens, in [0, 1] for non-negative scores."""
+    score = score.float()
+    top = score[:, prefix:].amax(1, keepdim=True).clamp_min(SCORE_EPS)
+    return 1 - score / top
+
+
+def _kept_rows(keep):
+    return keep.long().cumsum(1) - 1
+
+
+def _ell(keep, dst, weight):
+    """Kept tokens send weight 1 to their own output row (slot 0); removed ones use dst/weight."""
+    own = torch.zeros_like(dst)
+    own[..., 0] = _kept_rows(keep)
+    own_weight = torch.zeros_like(weight)
+    own_weight[..., 0] = 1
+    return torch.where(keep[..., None], own, dst), torch.where(keep[..., None], own_weight, weight)
+
+
+def prune(score, r, prefix=1):
+    """Keep the N - r - prefix highest-scoring unprotected tokens; the others get weight 0."""
+    B, N = score.shape
+    keep = _keep_by_score(score, N - r - prefix, prefix)
+    zeros = torch.zeros(B, N, 1, dtype=torch.long, device=score.device)
+    return _ell(keep, zeros, zeros.float())
+
+
+def evit(score, size, r, prefix=1):
+    """Like prune, but the r + 1 lowest-scoring tokens fuse into one extra, last output token.
+
+    The fused token is their score- and size-weighted mean, and its size is the sum of theirs:
+    token j sends weight score_j * sum(size) / sum(score * size). r = 0 changes nothing.
+    """
+    B, N = score.shape
+    if r == 0:
+        return prune(score, 0, prefix)
+    keep = _keep_by_score(score, N - r - 1 - prefix, prefix)
+    fused = ~keep
+    s = score.float() * fused
+    mass = (size * fused).sum(1, keepdim=True)
+    share = s * mass / (s * size).sum(1, keepdim=True).clamp_min(SCORE_EPS)
+    dst = torch.full((B, N, 1), N - r - 1, dtype=torch.long, device=score.device)
+    return _ell(keep, dst, share[..., None])
+
+
+def tome(metric, r, prefix=1):
+    """ToMe's bipartite soft matching: the r A tokens most similar to some B token merge into it."""
+    B, N, _ = metric.shape
+    a, b = bipartite_sets(N, prefix, metric.device)
+    best, match = _best_b_match(similarity(metric), b)
+    keep = ~_mask_of(_largest(best.masked_fill(~a, -torch.inf), r), best)
+    dst = _kept_rows(keep).gather(1, match)[..., None]
+    return _ell(keep, dst, torch.ones_like(dst, dtype=torch.float32))
+
+
+def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score=None):
+    """Token Transforming: choose r tokens to remove, spread each over its k most similar targets.
+
+    Removal key: (1 - alpha) * redundancy + alpha * unimportance, over the A tokens, where
+    redundancy is the best-match cosine to a B token (ToMe's choice). alpha = 1 is pure importance
+    and chooses among all unprotected tokens (the lowest scores leave, as in prune).
+    Targets: the kept unprotected tokens ("all") or only the kept B tokens ("b"). Each removed token
+    sends softmax(cosine / tau) over its k most similar targets; with none it is pruned.
+    """
+    B, N, _ = metric.shape
+    a, b = bipartite_sets(N, prefix, metric.device)
+    sim = similarity(metric)
+    if alpha == 1:
+        keep = _keep_by_score(score, N - r - prefix, prefix)
+    else:
+        key, _ = _best_b_match(sim, b)
+        if alpha > 0:
+            key = key * (1 - alpha) + _unimportance(score, prefix) * alpha
+        keep = ~_mask_of(_largest(key.masked_fill(~a, -torch.inf), r), key)
+    allowed = keep & (b if targets == "b" else torch.arange(N, device=metric.device) >= prefix)
+    candidates = sim.masked_fill(~allowed[:, None, :], -torch.inf)
+    top = _largest(candidates, k)
+    cos = candidates.gather(-1, top)
+    used = torch.isfinite(cos)
+    weight = torch.where(used, torch.softmax(cos / tau, -1), 0.0)
+    dst = torch.where(used, _kept_rows(keep).gather(1, top.reshape(B, -1)).reshape(top.shape), 0)
+    return _ell(keep, dst, weight)
