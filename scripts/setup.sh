@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what tt_kernels needs into the current Python and builds it in place: the C++ CPU
+# kernels always, the CUDA kernels too when torch is a CUDA build and nvcc is found.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# torch 2.14.1 is a CUDA 13.0 build: it runs on a CPU and lets the CUDA kernels compile and link.
+python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+python -m pip install -q --disable-pip-version-check -r requirements.txt
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" python -m pip install -q --disable-pip-version-check \
+  --no-build-isolation -e .
+python -c "import json, tt_kernels; print(json.dumps(tt_kernels.build_info()))"
