@@ -1,5 +1,6 @@
 // Argument checks shared by every backend: each failure names the operator and the argument.
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "tt.h"
 
@@ -18,8 +19,10 @@ void check_tokens(const char* op, const char* name, const at::Tensor& t, int64_t
               t.scalar_type());
 }
 
-void check_fp32(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, op, ": `", name, "` must have shape ", shape, ", got ",
+void check_fp32(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                const char* like = nullptr) {
+  TORCH_CHECK(t.sizes() == shape, op, ": `", name, "` must have shape ", shape,
+              (like ? " (B, N of `" : ""), (like ? like : ""), (like ? "`)" : ""), ", got ",
               t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name, "` must be float32, got ",
               t.scalar_type());
@@ -101,13 +104,14 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
     c.batch = score->size(0);
     c.tokens = score->size(1);
   }
+  const char* like = metric.has_value() ? "metric" : "score";
   if (score.has_value()) {
-    check_fp32(op, "score", *score, {c.batch, c.tokens});
+    check_fp32(op, "score", *score, {c.batch, c.tokens}, like);
     check_device(op, "score", *score, ref);
     check_finite(op, "score", *score);
   }
   if (size.has_value()) {
-    check_fp32(op, "size", *size, {c.batch, c.tokens});
+    check_fp32(op, "size", *size, {c.batch, c.tokens}, like);
     check_device(op, "size", *size, ref);
     check_size_values(op, *size);
   }
@@ -135,6 +139,10 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   } else if (!c.by_importance()) {
     r_max = (n - prefix) / 2;
     why = "(N - prefix) // 2 (ToMe's bipartite cap)";
+  }
+  if (r_max >= n && n > 0) {  // at least one token must remain: T needs an output row
+    r_max = n - 1;
+    why = "N - 1 (at least one token remains)";
   }
   TORCH_CHECK_VALUE(r >= 0 && r <= r_max, op, ": `r` must lie in [0, ", r_max, "] = [0, ", why,
                     "] for method '", std::string(method), "' with N = ", n,
@@ -198,6 +206,48 @@ double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   TORCH_CHECK_VALUE(std::isfinite(s), op, ": `scale` must be finite, got ", s);
   return s;
+}
+
+}  // namespace tt
+
+namespace tt {
+namespace {
+
+void check_match_op(const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& score,
+                    const std::optional<at::Tensor>& size, int64_t r, c10::string_view method,
+                    int64_t k, double tau, double alpha, c10::string_view targets,
+                    int64_t prefix) {
+  check_match("tt.match", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+}
+
+void check_apply_op(const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
+                    const at::Tensor& weight, int64_t n_out, c10::string_view mode) {
+  check_apply("tt.apply", x, size, dst, weight, n_out, mode);
+}
+
+void check_transform_op(const at::Tensor& x, const at::Tensor& size,
+                        const std::optional<at::Tensor>& metric,
+                        const std::optional<at::Tensor>& score, int64_t r,
+                        c10::string_view method, int64_t k, double tau, double alpha,
+                        c10::string_view targets, int64_t prefix, c10::string_view mode) {
+  const Construction c =
+      check_match("tt.transform", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+  check_transform(x, size, c, mode);
+}
+
+void check_cls_attention_op(const at::Tensor& q, const at::Tensor& k,
+                            const std::optional<at::Tensor>& size, std::optional<double> scale) {
+  check_cls_attention(q, k, size, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tt, CompositeExplicitAutograd, m) {
+  m.impl("check_match", &check_match_op);
+  m.impl("check_apply", &check_apply_op);
+  m.impl("check_untransform", &check_untransform);
+  m.impl("check_transform", &check_transform_op);
+  m.impl("check_cls_attention", &check_cls_attention_op);
 }
 
 }  // namespace tt

@@ -27,3 +27,19 @@ TORCH_LIBRARY(tt, m) {
       "-> (Tensor x_out, Tensor size_out, Tensor dst, Tensor weight)");
   m.def("cls_attention(Tensor q, Tensor k, Tensor? size=None, float? scale=None) -> Tensor");
 }
+
+// The argument checks of each op, as ops of their own, so that backends written in Python (the
+// reference and Triton) validate exactly as the C++ kernels do.
+TORCH_LIBRARY_FRAGMENT(tt, m) {
+  m.def(
+      "check_match(Tensor? metric, Tensor? score=None, Tensor? size=None, int r=0, "
+      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "int prefix=1) -> ()");
+  m.def("check_apply(Tensor x, Tensor size, Tensor dst, Tensor weight, int n_out, str mode) -> ()");
+  m.def("check_untransform(Tensor y, Tensor dst, Tensor weight) -> ()");
+  m.def(
+      "check_transform(Tensor x, Tensor size, Tensor? metric, Tensor? score=None, int r=0, "
+      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "int prefix=1, str mode=\"mean\") -> ()");
+  m.def("check_cls_attention(Tensor q, Tensor k, Tensor? size=None, float? scale=None) -> ()");
+}

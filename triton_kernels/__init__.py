@@ -1,8 +1,13 @@
 """Triton kernels of tt_kernels, installed as ``tt_kernels.triton_kernels``.
 
-The kernels for the tt operators come with the Triton issue; until then this package only reports
-whether Triton itself can be used here.
+One file per operator, each with its kernels and the function that launches them on checked
+inputs (same signature as the ``torch.ops.tt`` op). They run on CUDA tensors, and on CPU tensors
+under the Triton interpreter (``TRITON_INTERPRET=1`` set before this package is imported).
 """
+import importlib
+import os
+
+OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 
 
 def triton_version():
@@ -12,3 +17,12 @@ def triton_version():
     except ImportError:
         return None
     return triton.__version__
+
+
+def interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel(op):
+    """The launcher of `op` (importing it compiles nothing until the first call)."""
+    return getattr(importlib.import_module(f"{__name__}.{op}"), op)

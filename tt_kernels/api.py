@@ -3,10 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, reference
-from .ops import ops
+from .backends import implementation
 
-METHODS = ("prune", "evit", "tome", "transform")
 SOURCES = {"redundancy": 0.0, "importance": 1.0, "mix": 0.5}
 
 
@@ -39,46 +37,12 @@ def _removal_alpha(source, alpha):
     return float(alpha)
 
 
-def _check_reference_args(method, x, metric, score, r, prefix, k, tau, alpha, targets, mode):
-    """The checks the ops make in C++, for the pure-PyTorch path."""
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-    ref = metric if metric is not None else score
-    if ref is None:
-        raise ValueError(f"method {method!r} needs `metric` or `score`")
-    B, N = ref.shape[:2]
-    for name, t in (("x", x), ("metric", metric), ("score", score)):
-        if t is not None and tuple(t.shape[:2]) != (B, N):
-            raise RuntimeError(f"`{name}` must start with [B, N] = [{B}, {N}], got {tuple(t.shape)}")
-    if not 0 <= prefix <= N:
-        raise ValueError(f"`prefix` must lie in [0, N = {N}], got {prefix}")
-    if method != "transform" and k != 1:
-        raise ValueError(f"`k` applies only to method 'transform'; got k = {k} with {method!r}")
-    if not 1 <= k <= max(N, 1):
-        raise ValueError(f"`k` must lie in [1, N = {N}], got {k}")
-    if not tau > 0:
-        raise ValueError(f"`tau` must be positive, got {tau}")
-    if targets not in ("all", "b"):
-        raise ValueError(f"`targets` must be 'all' or 'b', got {targets!r}")
-    if mode not in ("mean", "sum"):
-        raise ValueError(f"`mode` must be 'mean' or 'sum', got {mode!r}")
-    needs_score = method in ("prune", "evit") or (method == "transform" and alpha > 0)
-    if needs_score and score is None:
-        raise ValueError(f"method {method!r} (with this source) needs `score`")
-    if method in ("tome", "transform") and metric is None:
-        raise ValueError(f"method {method!r} needs `metric`")
-    r_max = max_r(method, N, prefix, by_importance=alpha == 1)
-    if not 0 <= r <= r_max:
-        raise ValueError(f"`r` must lie in [0, {r_max}] for method {method!r} "
-                         f"with N = {N} and prefix = {prefix}, got {r}")
-
-
 def max_r(method, n, prefix=1, by_importance=False):
     """Largest r a construction can remove from n tokens (ToMe's cap for bipartite choices)."""
     if method == "evit":
         return max(n - prefix - 1, 0)
     if method == "prune" or (method == "transform" and by_importance):
-        return n - prefix
+        return max(n - max(prefix, 1), 0)  # at least one token remains
     return (n - prefix) // 2
 
 
@@ -87,15 +51,10 @@ def match(metric, r, *, score=None, size=None, method="transform", k=1, tau=0.1,
     """Build T for removing r tokens; returns a Transform."""
     alpha = _removal_alpha(source, alpha)
     ref = metric if metric is not None else score
-    which = backends.resolve("match", backend, ref.device)
-    if which == "reference":
-        _check_reference_args(method, None, metric, score, r, prefix, k, tau, alpha, targets,
-                              "mean")
-        if size is None:
-            size = torch.ones(ref.shape[:2], device=ref.device)
-        dst, weight = reference.match(metric, score, size, r, method, k, tau, alpha, targets, prefix)
-    else:
-        dst, weight = ops.match(metric, score, size, r, method, k, tau, alpha, targets, prefix)
+    if ref is None:
+        raise ValueError("tt.match: give `metric` or `score`")
+    dst, weight = implementation("match", backend, ref.device)(
+        metric, score, size, r, method, k, tau, alpha, targets, prefix)
     return Transform(dst, weight, ref.shape[1] - r)
 
 
@@ -112,12 +71,7 @@ def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, t
     alpha = _removal_alpha(source, alpha)
     if size is None:
         size = torch.ones(x.shape[:2], device=x.device)
-    which = backends.resolve("transform", backend, x.device)
-    if which == "reference":
-        _check_reference_args(method, x, metric, score, r, prefix, k, tau, alpha, targets, mode)
-        step = reference.transform
-    else:
-        step = ops.transform
+    step = implementation("transform", backend, x.device)
     x_out, size_out, dst, weight = step(x, size, metric, score, r, method, k, tau, alpha, targets,
                                         prefix, mode)
     return x_out, size_out, Transform(dst, weight, x.shape[1] - r)
@@ -127,17 +81,13 @@ def apply(x, T, size=None, mode="mean", backend=None):
     """X' = T X with sizes; returns (x_out, size_out)."""
     if size is None:
         size = torch.ones(x.shape[:2], device=x.device)
-    which = backends.resolve("apply", backend, x.device)
-    impl = reference.apply if which == "reference" else ops.apply
-    return impl(x, size, T.dst, T.weight, T.n_out, mode)
+    return implementation("apply", backend, x.device)(x, size, T.dst, T.weight, T.n_out, mode)
 
 
 def untransform(y, T, backend=None):
     """Back to T's input tokens: each gets the weight-normalised mix of the rows it went to
     (pruned tokens get zeros)."""
-    which = backends.resolve("untransform", backend, y.device)
-    impl = reference.untransform if which == "reference" else ops.untransform
-    return impl(y, T.dst, T.weight)
+    return implementation("untransform", backend, y.device)(y, T.dst, T.weight)
 
 
 def restore(y, steps, backend=None):
@@ -151,6 +101,4 @@ def restore(y, steps, backend=None):
 def cls_attention(q, k, size=None, scale=None, backend=None):
     """Importance score [B, N] fp32: the class query's attention over the keys, averaged over
     heads, with the proportional bias log(size). q, k: [B, H, N, Dh]."""
-    which = backends.resolve("cls_attention", backend, q.device)
-    impl = reference.cls_attention if which == "reference" else ops.cls_attention
-    return impl(q, k, size, scale)
+    return implementation("cls_attention", backend, q.device)(q, k, size, scale)

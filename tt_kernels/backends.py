@@ -1,8 +1,8 @@
 """Which implementations exist in this build, which are verified, and which one a call uses."""
 import torch
 
-from . import ops
-from .triton_kernels import triton_version
+from . import reference, triton_kernels
+from .ops import ops
 
 OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -17,18 +17,37 @@ def _registered(key):
     return [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"tt::{op}", key)]
 
 
+CUDA_CPP_OPS = tuple(_registered("CUDA"))  # the compiled CUDA kernels, before any Triton below
+
+
+def _register_triton_for_cuda():
+    """CUDA tensors given to a torch.ops.tt op without a compiled CUDA kernel run the Triton one."""
+    if triton_kernels.triton_version() is None:
+        return
+    for op in OPS:
+        if op not in CUDA_CPP_OPS:
+            torch.library.impl(f"tt::{op}", "CUDA")(
+                lambda *args, _op=op, **kwargs: triton_kernels.kernel(_op)(*args, **kwargs))
+
+
+_register_triton_for_cuda()
+
+
 def build_info():
     """What this installation built and will use."""
-    cuda_ops = _registered("CUDA")
+    cuda_ops = list(CUDA_CPP_OPS)
     return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cpu_ops": _registered("CPU"),
         "cuda_ops": cuda_ops,
         "cuda_compiled": bool(cuda_ops),
-        "triton": triton_version(),
-        "triton_ops": [],
+        "triton": triton_kernels.triton_version(),
+        "triton_ops": list(supported("triton")),
         "verified_on_gpu": dict(VERIFIED_ON_GPU),
+        # What torch.ops.tt.<op> runs on CUDA tensors (the Python API's default is separate).
+        "torch_ops_on_cuda": {op: "cuda" if op in CUDA_CPP_OPS else "triton" for op in OPS
+                              if op in CUDA_CPP_OPS or op in supported("triton")},
         "default_backend": {"cpu": "cpu", "cuda": default_backend("apply", torch.device("cuda"))},
     }
 
@@ -48,8 +67,8 @@ def supported(backend):
     if backend == "cpu":
         return tuple(_registered("CPU"))
     if backend == "cuda":
-        return tuple(_registered("CUDA"))
-    return ()
+        return CUDA_CPP_OPS
+    return triton_kernels.OPS if triton_kernels.triton_version() else ()
 
 
 def resolve(op, backend, device):
@@ -61,6 +80,33 @@ def resolve(op, backend, device):
     if op not in supported(backend):
         raise ValueError(f"backend {backend!r} has no {op} kernel in this build "
                          f"(see tt_kernels.build_info())")
-    if backend != "reference" and (device.type == "cpu") != (backend == "cpu"):
-        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
+    on_cpu = device.type == "cpu"
+    runs_here = {"reference": True, "cpu": on_cpu, "cuda": not on_cpu,
+                 "triton": not on_cpu or triton_kernels.interpreted()}
+    if not runs_here[backend]:
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors"
+                         + (" (set TRITON_INTERPRET=1 to interpret Triton on the CPU)"
+                            if backend == "triton" else ""))
     return backend
+
+
+def _checked_reference(op):
+    """The reference, behind the same argument checks as the compiled kernels."""
+    check, run = getattr(ops, f"check_{op}"), getattr(reference, op)
+
+    def checked(*args):
+        check(*args)
+        return run(*args)
+
+    return checked
+
+
+def implementation(op, backend, device):
+    """The function that runs `op` with the backend chosen for `device` (same signature as the
+    torch.ops.tt op)."""
+    which = resolve(op, backend, device)
+    if which == "reference":
+        return _checked_reference(op)
+    if which == "triton":
+        return triton_kernels.kernel(op)
+    return getattr(ops, op)

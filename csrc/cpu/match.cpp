@@ -21,7 +21,8 @@ constexpr float kScoreEps = 1e-30f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 at::Tensor cosine_similarity(const at::Tensor& metric) {
-  auto m = metric.to(at::kFloat);
+  // Contiguous first: the norms of a strided view would round differently.
+  auto m = metric.to(at::kFloat).contiguous();
   m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kNormEps);
   return at::bmm(m, m.transpose(1, 2)).contiguous();
 }

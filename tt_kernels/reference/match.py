@@ -13,7 +13,7 @@ SCORE_EPS = 1e-30  # an all-zero score must not divide by zero
 
 def similarity(metric):
     """Cosine similarity of all token pairs, [B, N, N] fp32."""
-    m = metric.float()
+    m = metric.float().contiguous()  # a strided view's norms would round differently
     m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS)
     return torch.bmm(m, m.transpose(1, 2))
 
@@ -51,7 +51,8 @@ def _best_b_match(sim, b):
 def _unimportance(score, prefix):
     """1 - score / max score over the unprotected tokens, in [0, 1] for non-negative scores."""
     score = score.float()
-    top = score[:, prefix:].amax(1, keepdim=True).clamp_min(SCORE_EPS)
+    free = torch.arange(score.shape[1], device=score.device) >= prefix
+    top = score.masked_fill(~free, -torch.inf).amax(1, keepdim=True).clamp_min(SCORE_EPS)
     return 1 - score / top
 
 
@@ -85,6 +86,8 @@ def evit(score, size, r, prefix=1):
     B, N = score.shape
     if r == 0:
         return prune(score, 0, prefix)
+    if size is None:
+        size = torch.ones_like(score)
     keep = _keep_by_score(score, N - r - 1 - prefix, prefix)
     fused = ~keep
     s = score.float() * fused
@@ -129,5 +132,5 @@ def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score
     cos = candidates.gather(-1, top)
     used = torch.isfinite(cos)
     weight = torch.where(used, torch.softmax(cos / tau, -1), 0.0)
-    dst = torch.where(used, _kept_rows(keep).gather(1, top.reshape(B, -1)).reshape(top.shape), 0)
+    dst = torch.where(used, _kept_rows(keep).gather(1, top.flatten(1)).reshape(top.shape), 0)
     return _ell(keep, dst, weight)

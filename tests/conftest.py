@@ -1,0 +1,75 @@
+"""Shared helpers of the tt_kernels tests: inputs that look like ViT tokens, and tolerances."""
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through the interpreter, which must be on
+# before any @triton.jit module is imported (tests/test_triton.py relies on it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import tt_kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Outputs in x's dtype: both sides accumulate in fp32 and round once, so they may differ by about
+# one unit in the last place of the dtype.
+_X_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+WEIGHT_TOL = dict(rtol=1e-6, atol=1e-6)  # fp32 weights (evit's can exceed 1) and scores
+SIZE_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 sizes (sums of several sizes)
+
+
+def x_tol(dtype):
+    return _X_TOL[dtype]
+
+
+def construction_kwargs(method, k=1, alpha=0.0, targets="all", tau=0.1):
+    """The keyword arguments of a construction; only transform takes k/alpha/targets/tau."""
+    if method != "transform":
+        return {}
+    return dict(k=k, tau=tau, alpha=alpha, targets=targets)
+
+
+def r_for(kind, method, n, prefix, alpha=0.0):
+    """r from 0, 1 or "max" (the largest r the construction accepts, from tt_kernels.max_r)."""
+    r_max = tt_kernels.max_r(method, n, prefix, by_importance=method == "transform" and alpha == 1)
+    return min(kind, r_max) if kind != "max" else r_max
+
+
+def make_tokens(B, N, C=24, D=16, dtype=torch.float32, seed=0, duplicates=False, unit_size=False):
+    """x [B, N, C] and metric [B, N, D] in `dtype`, fp32 size [B, N] and score [B, N].
+
+    The metric has a shared component (as attention keys do), so similarities are mostly positive
+    and close; the score is a softmax over tokens, as the class attention is. With `duplicates`,
+    several groups of tokens get exactly the same metric row and score, so that selections and
+    top-k choices meet exact ties (which must go to the lower index).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, C, generator=g)
+    metric = torch.randn(B, N, D, generator=g) + 1.5 * torch.randn(B, 1, D, generator=g)
+    score = (2 * torch.randn(B, N, generator=g)).softmax(-1)
+    if unit_size:
+        size = torch.ones(B, N)
+    else:
+        size = torch.randint(1, 5, (B, N), generator=g).float()
+    if duplicates and N > 8:
+        for group, start in enumerate(range(2, N - 6, max(N // 4, 7))):
+            rows = [start, start + 1, start + 3, start + 6][: 2 + group % 3]
+            metric[:, rows] = metric[:, rows[:1]]
+            score[:, rows] = score[:, rows[:1]]
+    return dict(x=x.to(dtype), size=size, metric=metric.to(dtype), score=score)
+
+
+def non_contiguous(t, kind="sliced"):
+    """The same values as `t` in a non-contiguous view: "sliced" takes every other element of a
+    wider tensor (falling back to "transposed" when the last dimension has size 1), "transposed"
+    views a copy with the first two dimensions swapped."""
+    view = torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0] if kind == "sliced" else t
+    if view.is_contiguous() and t.dim() >= 2:
+        view = t.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(view, t)
+    return view

@@ -1,0 +1,279 @@
+"""torch.ops.tt.* (the C++ CPU kernels) against tt_kernels.reference on the same inputs.
+
+dst must agree exactly, weights to fp32 rounding, x outputs to one unit in the last place of x's
+dtype. The grid is a covering design, not a cartesian product: every construction meets every r
+kind (0, 1, max) and every dtype, and the geometries (B, N, prefix, duplicate tokens) rotate through
+the cases.
+"""
+import pytest
+import torch
+
+from conftest import (DTYPES, SIZE_TOL, WEIGHT_TOL, construction_kwargs, make_tokens,
+                      non_contiguous, r_for, x_tol)
+from tt_kernels import reference
+
+ops = torch.ops.tt
+
+# (method, k, alpha, targets); the transform rows cover every pair of k x alpha, k x targets and
+# alpha x targets.
+CONSTRUCTIONS = [
+    ("prune", 1, 0.0, "all"),
+    ("evit", 1, 0.0, "all"),
+    ("tome", 1, 0.0, "all"),
+    ("transform", 1, 0.0, "all"),
+    ("transform", 1, 0.5, "b"),
+    ("transform", 1, 1.0, "all"),
+    ("transform", 2, 0.0, "b"),
+    ("transform", 2, 0.5, "all"),
+    ("transform", 2, 1.0, "b"),
+    ("transform", 4, 0.0, "all"),
+    ("transform", 4, 0.5, "b"),
+    ("transform", 4, 1.0, "all"),
+]
+R_KINDS = [0, 1, "max"]
+# (B, N, prefix, duplicates): N never a power of two.
+GEOMETRIES = [
+    (1, 17, 0, True),
+    (3, 197, 1, False),
+    (3, 257, 2, True),
+    (1, 197, 5, False),
+    (3, 17, 1, True),
+    (1, 257, 1, True),
+    (3, 17, 5, False),
+]
+
+
+def _cases():
+    cases = []
+    for c, (method, k, alpha, targets) in enumerate(CONSTRUCTIONS):
+        for i, r_kind in enumerate(R_KINDS):
+            n = len(cases)
+            dtype = DTYPES[(c + i) % len(DTYPES)]
+            B, N, prefix, dup = GEOMETRIES[n % len(GEOMETRIES)]
+            r = r_for(r_kind, method, N, prefix, alpha)
+            r = min(r, N - 1)  # N' = 0 (prefix 0, everything pruned) has its own test below
+            mode = ("mean", "sum")[n % 2]
+            case = dict(method=method, k=k, alpha=alpha, targets=targets, r=r, dtype=dtype, B=B,
+                        N=N, prefix=prefix, duplicates=dup, mode=mode, seed=n)
+            name = (f"{method}" + (f"-k{k}-a{alpha}-{targets}" if method == "transform" else "")
+                    + f"-r{r}-{str(dtype)[6:]}-B{B}-N{N}-P{prefix}" + ("-dup" if dup else ""))
+            cases.append(pytest.param(case, id=name))
+    return cases
+
+
+CASES = _cases()
+
+
+def _inputs(case):
+    t = make_tokens(case["B"], case["N"], dtype=case["dtype"], seed=case["seed"],
+                    duplicates=case["duplicates"])
+    kw = construction_kwargs(case["method"], case["k"], case["alpha"], case["targets"])
+    return t, dict(r=case["r"], method=case["method"], prefix=case["prefix"], **kw)
+
+
+def _ref_match(t, args):
+    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all"), **args}
+    return reference.match(t["metric"], t["score"], t["size"], a["r"], a["method"], a["k"],
+                           a["tau"], a["alpha"], a["targets"], a["prefix"])
+
+
+def _assert_same_T(got, want):
+    (dst, weight), (want_dst, want_weight) = got, want
+    assert dst.dtype == torch.int64 and weight.dtype == torch.float32
+    assert dst.shape == want_dst.shape and weight.shape == want_weight.shape
+    assert torch.equal(dst, want_dst)
+    torch.testing.assert_close(weight, want_weight, **WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_match(case):
+    t, args = _inputs(case)
+    got = ops.match(t["metric"], t["score"], t["size"], **args)
+    _assert_same_T(got, _ref_match(t, args))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_transform(case):
+    t, args = _inputs(case)
+    x_out, size_out, dst, weight = ops.transform(t["x"], t["size"], t["metric"], t["score"],
+                                                 mode=case["mode"], **args)
+    want = reference.transform(t["x"], t["size"], t["metric"], t["score"], mode=case["mode"],
+                               **args)
+    assert x_out.dtype == t["x"].dtype and x_out.shape == want[0].shape
+    assert x_out.shape[1] == case["N"] - case["r"]
+    _assert_same_T((dst, weight), want[2:])
+    torch.testing.assert_close(size_out, want[1], **SIZE_TOL)
+    torch.testing.assert_close(x_out, want[0], **x_tol(case["dtype"]))
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("case", CASES)
+def test_apply(case, mode):
+    t, args = _inputs(case)
+    dst, weight = _ref_match(t, args)
+    n_out = case["N"] - case["r"]
+    x_out, size_out = ops.apply(t["x"], t["size"], dst, weight, n_out, mode)
+    want_x, want_size = reference.apply(t["x"], t["size"], dst, weight, n_out, mode)
+    assert x_out.dtype == t["x"].dtype and size_out.dtype == torch.float32
+    torch.testing.assert_close(size_out, want_size, **SIZE_TOL)
+    torch.testing.assert_close(x_out, want_x, **x_tol(case["dtype"]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_untransform(case):
+    t, args = _inputs(case)
+    dst, weight = _ref_match(t, args)
+    y = torch.randn(case["B"], case["N"] - case["r"], 24).to(case["dtype"])
+    got = ops.untransform(y, dst, weight)
+    want = reference.untransform(y, dst, weight)
+    assert got.dtype == y.dtype and got.shape == (case["B"], case["N"], 24)
+    torch.testing.assert_close(got, want, **x_tol(case["dtype"]))
+
+
+@pytest.mark.parametrize("with_size,scale", [(False, None), (True, None), (True, 0.3)])
+@pytest.mark.parametrize("dtype,B,N", [(torch.float32, 1, 17), (torch.float16, 3, 197),
+                                       (torch.bfloat16, 3, 257)])
+def test_cls_attention(dtype, B, N, with_size, scale):
+    g = torch.Generator().manual_seed(N)
+    q = torch.randn(B, 3, N, 32, generator=g).to(dtype)
+    k = torch.randn(B, 3, N, 32, generator=g).to(dtype)
+    size = torch.randint(1, 6, (B, N), generator=g).float() if with_size else None
+    got = ops.cls_attention(q, k, size, scale)
+    want = reference.cls_attention(q, k, size, scale)
+    assert got.dtype == torch.float32 and got.shape == (B, N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- edge cases ------------------------------------------------------------------------------
+
+EDGE_CONSTRUCTIONS = [("prune", 1, 0.0, "all"), ("evit", 1, 0.0, "all"), ("tome", 1, 0.0, "all"),
+                      ("transform", 2, 0.5, "all"), ("transform", 4, 1.0, "b")]
+
+
+def _empty_batch(method, k, alpha, targets):
+    t = make_tokens(0, 17)
+    args = dict(r=3, method=method, prefix=1, **construction_kwargs(method, k, alpha, targets))
+    return t, args
+
+
+@pytest.mark.parametrize("method,k,alpha,targets", EDGE_CONSTRUCTIONS)
+def test_empty_batch(method, k, alpha, targets):
+    t, args = _empty_batch(method, k, alpha, targets)
+    x_out, size_out, dst, weight = ops.transform(t["x"], t["size"], t["metric"], t["score"],
+                                                 **args)
+    assert x_out.shape == (0, 14, 24) and size_out.shape == (0, 14)
+    assert dst.shape == weight.shape == (0, 17, k) and dst.dtype == torch.int64
+    m_dst, m_weight = ops.match(t["metric"], t["score"], t["size"], **args)
+    assert m_dst.shape == m_weight.shape == (0, 17, k)
+    assert ops.untransform(x_out, dst, weight).shape == (0, 17, 24)
+    assert ops.apply(t["x"], t["size"], dst, weight, 14)[0].shape == (0, 14, 24)
+    q = torch.randn(0, 2, 17, 8)
+    assert ops.cls_attention(q, q).shape == (0, 17)
+
+
+@pytest.mark.parametrize("method,k,alpha,targets", EDGE_CONSTRUCTIONS)
+def test_empty_batch_reference(method, k, alpha, targets):
+    t, args = _empty_batch(method, k, alpha, targets)
+    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+
+
+# One output token: everything but the prefix removed (prune, transform by importance: nothing is
+# left to merge into), or everything fused into evit's extra token.
+@pytest.mark.parametrize("method,k,alpha,prefix", [
+    ("prune", 1, 0.0, 1), ("evit", 1, 0.0, 0), ("transform", 2, 1.0, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_output_token(method, k, alpha, prefix, dtype):
+    N = 17
+    t = make_tokens(3, N, dtype=dtype, duplicates=True)
+    r = r_for("max", method, N, prefix, alpha)
+    assert N - r == 1
+    args = dict(r=r, method=method, prefix=prefix, **construction_kwargs(method, k, alpha))
+    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    assert got[0].shape == (3, 1, 24)
+    _assert_same_T(got[2:], want[2:])
+    torch.testing.assert_close(got[1], want[1], **SIZE_TOL)
+    torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
+    y = torch.randn(3, 1, 24).to(dtype)
+    torch.testing.assert_close(ops.untransform(y, got[2], got[3]),
+                               reference.untransform(y, want[2], want[3]), **x_tol(dtype))
+
+
+@pytest.mark.parametrize("method,k,alpha", [
+    ("prune", 1, 0.0), ("tome", 1, 0.0), ("transform", 2, 0.0), ("transform", 2, 0.5),
+])
+def test_prefix_covers_all_tokens(method, k, alpha):
+    """prefix = N: nothing may leave (r = 0); both sides return the identity."""
+    t = make_tokens(2, 17)
+    args = dict(r=0, method=method, prefix=17, **construction_kwargs(method, k, alpha))
+    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    _assert_same_T(got[2:], want[2:])
+    torch.testing.assert_close(got[0], want[0])
+
+
+@pytest.mark.parametrize("method,alpha", [("prune", 0.0), ("transform", 1.0)])
+def test_remove_every_token_is_rejected(method, alpha):
+    """prefix 0 and r = N would leave T without an output row: at least one token remains."""
+    t = make_tokens(2, 17)
+    args = dict(r=17, method=method, prefix=0, **construction_kwargs(method, alpha=alpha))
+    with pytest.raises(ValueError, match="`r`"):
+        ops.match(t["metric"], t["score"], t["size"], **args)
+    args["r"] = 16
+    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    _assert_same_T(got[2:], want[2:])
+    assert got[0].shape == want[0].shape == (2, 1, 24)
+
+
+# --- non-contiguous inputs give the same as contiguous ones ----------------------------------
+
+def _op_calls(dtype):
+    """Each op with its tensor arguments (positional) and the rest (keywords)."""
+    t = make_tokens(3, 197, dtype=dtype, seed=7, duplicates=True)
+    dst, weight = ops.match(t["metric"], t["score"], t["size"], 40, "transform", k=4, alpha=0.5)
+    y = torch.randn(3, 157, 24).to(dtype)
+    q = torch.randn(3, 4, 197, 16).to(dtype)
+    kk = torch.randn(3, 4, 197, 16).to(dtype)
+    return {
+        "match": (ops.match, (t["metric"], t["score"], t["size"]),
+                  dict(r=40, method="transform", k=4, alpha=0.5)),
+        "match_evit": (ops.match, (t["metric"], t["score"], t["size"]), dict(r=40, method="evit")),
+        "transform": (ops.transform, (t["x"], t["size"], t["metric"], t["score"]),
+                      dict(r=40, method="transform", k=2, alpha=0.5, targets="b")),
+        "apply": (ops.apply, (t["x"], t["size"], dst, weight), dict(n_out=157)),
+        "untransform": (ops.untransform, (y, dst, weight), {}),
+        "cls_attention": (ops.cls_attention, (q, kk, t["size"]), {}),
+    }
+
+
+@pytest.mark.parametrize("op,dtype,kind", [
+    (op, dtype, kind)
+    for op in ["match", "match_evit", "transform", "apply", "untransform", "cls_attention"]
+    for dtype, kind in [("float32", "sliced"), ("float32", "transposed"), ("bfloat16", "sliced")]])
+def test_non_contiguous_inputs(op, dtype, kind):
+    fn, tensors, kwargs = _op_calls(getattr(torch, dtype))[op]
+    want = fn(*tensors, **kwargs)
+    views = [non_contiguous(t, kind) for t in tensors]
+    assert not any(v.is_contiguous() for v in views)
+    got = fn(*views, **kwargs)
+    for g, w in zip(*((got, want) if isinstance(got, tuple) else ((got,), (want,)))):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("op", ["match", "transform", "apply", "untransform", "cls_attention"])
+def test_same_result_on_one_thread(op):
+    """The kernels are deterministic whatever the thread count."""
+    fn, tensors, kwargs = _op_calls(torch.float32)[op]
+    want = fn(*tensors, **kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = fn(*tensors, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    for g, w in zip(*((got, want) if isinstance(got, tuple) else ((got,), (want,)))):
+        assert torch.equal(g, w)
