@@ -6,6 +6,8 @@ Every token reduction is an explicit sparse matrix T (N' x N) applied to the tok
 from .api import (Transform, apply, cls_attention, match, max_r, restore, transform,
                   untransform)
 from .backends import build_info
+from .flops import vit_flops
+from .patch import patch, unpatch
 
-__all__ = ["Transform", "apply", "build_info", "cls_attention", "match", "max_r", "restore",
-           "transform", "untransform"]
+__all__ = ["Transform", "apply", "build_info", "cls_attention", "match", "max_r", "patch",
+           "restore", "transform", "unpatch", "untransform", "vit_flops"]

@@ -1,0 +1,171 @@
+"""Token Transforming inside a timm VisionTransformer, in one call.
+
+    model = timm.create_model("deit_small_patch16_224")
+    tt_kernels.patch(model, flops=0.6)          # or r=16, r=[...] per block, r={3: 60, 6: 40}
+    model.token_reduction.k = 2                 # settings change at run time, no re-patching
+
+Each block reduces its tokens after the attention residual and before the MLP. The metric is the
+block's attention keys averaged over heads; the importance score (when the construction needs
+one) is the class token's attention. Attention stays timm's own, fused SDPA included: proportional
+attention enters as its additive float `attn_mask` (+log size per key), and while every size is 1
+no mask is passed at all, so a model with nothing to remove runs exactly as unpatched.
+"""
+import types
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import api
+from .flops import constant_r_for_budget, step_sizes
+
+
+@dataclass
+class TokenReduction:
+    """The settings of a patched model (mutable at run time) and the state of its last forward."""
+
+    r: object = 0  # int per block, list per block, {block: r} stages; ignored when flops is set
+    flops: float = None  # fraction of the unreduced FLOPs to aim for (constant r solved for it)
+    method: str = "transform"
+    k: int = 1
+    tau: float = 0.1
+    source: str = "redundancy"
+    alpha: float = None
+    targets: str = "all"
+    backend: str = None
+    record: bool = False  # keep each step's T for restore() and visualisation
+    prefix: int = 1
+    # state of the last forward
+    size: torch.Tensor = None
+    steps: list = field(default_factory=list)
+    schedule: list = field(default_factory=list)
+    _q: torch.Tensor = None
+    _k: torch.Tensor = None
+    _model: object = None  # weak reference to the patched model
+
+    @property
+    def by_importance(self):
+        return self.method in ("prune", "evit") or self.source == "importance"
+
+    def needs_score(self):
+        return self.method in ("prune", "evit") or self.source in ("importance", "mix")
+
+    def resolve_schedule(self, model, n0):
+        depth = len(model.blocks)
+        if self.flops is not None:
+            r = constant_r_for_budget(model, n0, self.flops, self.prefix, self.by_importance,
+                                      self.method)
+            wanted = [r] * depth
+        elif isinstance(self.r, int):
+            wanted = [self.r] * depth
+        elif isinstance(self.r, dict):
+            wanted = [self.r.get(i, 0) for i in range(depth)]
+        else:
+            wanted = list(self.r)
+            if len(wanted) != depth:
+                raise ValueError(f"`r` lists one r per block: {depth} expected, got {len(wanted)}")
+        if any(r < 0 for r in wanted):
+            raise ValueError(f"`r` must be non-negative, got {wanted}")
+        return [r for _, r in step_sizes(n0, wanted, self.prefix, self.by_importance,
+                                          self.method)]
+
+    def start(self, n0):
+        self.size, self.steps = None, []
+        self.schedule = self.resolve_schedule(self._model(), n0)
+
+
+def _attention_bias(size, dtype):
+    """Proportional attention: +log(size) on every key's logit; None while no token is merged."""
+    if size is None:
+        return None
+    return size.log().to(dtype)[:, None, None, :]
+
+
+def _block_forward(self, x, attn_mask=None, is_causal=False):
+    tr = self.token_reduction
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("a patched block takes no attn_mask / is_causal")
+    if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
+        tr.start(x.shape[1])
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x),
+                                               attn_mask=_attention_bias(tr.size, x.dtype))))
+    r = tr.schedule[self.token_reduction_index]
+    if r:
+        score = api.cls_attention(tr._q, tr._k, tr.size, backend=tr.backend) \
+            if tr.needs_score() else None
+        x, tr.size, T = api.transform(
+            x, tr._k.mean(1), r, size=tr.size, score=score, method=tr.method,
+            k=tr.k, tau=tr.tau, source=tr.source, alpha=tr.alpha, targets=tr.targets,
+            prefix=tr.prefix, backend=tr.backend)
+        if tr.record:
+            tr.steps.append(T)
+    tr._q = tr._k = None
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _pool(self, x, pool_type=None):
+    """Size-weighted average pooling: a merged token counts as many patches as it holds."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    size = self.token_reduction.size
+    if pool_type != "avg" or size is None:
+        return self.token_reduction_original["pool"](x, pool_type)
+    p = self.num_prefix_tokens
+    x, w = (x, size) if self.pool_include_prefix else (x[:, p:], size[:, p:])
+    return (x * w[..., None].to(x.dtype)).sum(1) / w.sum(1, keepdim=True).to(x.dtype)
+
+
+def _capture(name):
+    def hook(module, inputs, output):
+        setattr(module.token_reduction, name, output)
+    return hook
+
+
+def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="redundancy",
+          alpha=None, targets="all", backend=None, record=False):
+    """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
+
+    r: tokens removed per block (int), per block (list), or per stage ({block index: r});
+    flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet with a constant r.
+    The other arguments are those of tt_kernels.transform. With record=True each forward keeps
+    its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
+    """
+    if hasattr(model, "token_reduction"):
+        unpatch(model)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise TypeError("tt_kernels.patch expects a timm VisionTransformer")
+    if getattr(model, "attn_pool", None) is not None:
+        raise NotImplementedError("attention-pool heads (global_pool='map') are not supported")
+    if model.global_pool not in ("token", "avg", ""):
+        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
+                                  "'token' or 'avg'")
+    tr = TokenReduction(r=r, flops=flops, method=method, k=k, tau=tau, source=source, alpha=alpha,
+                        targets=targets, backend=backend, record=record,
+                        prefix=model.num_prefix_tokens, _model=weakref.ref(model))
+    handles = []
+    for i, block in enumerate(model.blocks):
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            if not hasattr(block, name):
+                raise TypeError(f"block {i} ({type(block).__name__}) has no `{name}`: only timm's "
+                                "pre-norm Block is supported")
+        block.token_reduction, block.token_reduction_index = tr, i
+        block.attn.q_norm.token_reduction = block.attn.k_norm.token_reduction = tr
+        handles.append(block.attn.q_norm.register_forward_hook(_capture("_q")))
+        handles.append(block.attn.k_norm.register_forward_hook(_capture("_k")))
+        block.forward = types.MethodType(_block_forward, block)
+    model.token_reduction = tr
+    model.token_reduction_original = {"pool": model.pool}
+    model.token_reduction_handles = handles
+    model.pool = types.MethodType(_pool, model)
+    return model
+
+
+def unpatch(model):
+    """Removes what patch() installed; the model is exactly as before."""
+    for handle in model.token_reduction_handles:
+        handle.remove()
+    for block in model.blocks:
+        del block.forward, block.token_reduction, block.token_reduction_index
+        del block.attn.q_norm.token_reduction, block.attn.k_norm.token_reduction
+    del model.pool
+    del model.token_reduction, model.token_reduction_original, model.token_reduction_handles
+    return model
