@@ -40,7 +40,7 @@ setup(
     name="tt_kernels",
     version="0.1.0",
     description="Token Transforming for Vision Transformers: fused token-reduction kernels",
-    packages=["tt_kernels", "tt_kernels.reference", "tt_kernels.triton_kernels"],
+    packages=["tt_kernels", "tt_kernels.models", "tt_kernels.reference", "tt_kernels.triton_kernels"],
     # Our Triton kernels live in the top-level triton_kernels/ folder but install under our own
     # namespace, so they never clash with the published `triton_kernels` package.
     package_dir={"tt_kernels.triton_kernels": "triton_kernels"},

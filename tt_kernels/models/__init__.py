@@ -1,0 +1,1 @@
+"""Pretrained models loaded offline (no network, no model hub) for fidelity measurements."""
