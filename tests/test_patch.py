@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled

@@ -1,0 +1,707 @@
+"""GPU microbenchmarks of the tt operators: Triton kernels, CUDA C++ kernels and the PyTorch
+reference on the same CUDA tensors, at the token shapes of real ViTs.
+
+Ops: tt.transform (the fused step; constructions "transform k=1", "transform k=4", "tome"),
+tt.match (same constructions), tt.apply and tt.untransform (T from transform k=1 and k=4) and
+tt.cls_attention. Backends: "triton" (tt_kernels.triton_kernels.kernel(op)), "cuda" (the compiled
+torch.ops.tt kernels, only for the ops in tt_kernels.backends.CUDA_CPP_OPS) and "reference"
+(tt_kernels.reference behind the same argument checks, what backend="reference" runs).
+
+Shapes (bf16 x, metric, q, k; fp32 size, score, weight), batch 1, 64 and 256:
+    DeiT-S 197x384 (Dh=64, H=6), DeiT-B 197x768 (H=12), DINOv2-S/14 257x384 (H=6),
+    ViT-L/16 at 384 px 577x1024 (H=16); r = 16 (ViT-L: 32), one protected class token.
+
+Every kernel is first checked against the reference on the same inputs (dst exactly, per image;
+an image whose dst differs only where the fp32 reference itself is off a float64 reference is
+recorded as a near tie and passes; x within bf16 tolerance), then timed with
+triton.testing.do_bench (L2 flushed before every run; median and 20/80 % quantiles). Reported:
+time, achieved GB/s over the bytes the op must move (formulas in `bytes_moved`), % of the card's
+peak HBM bandwidth (table PEAK_HBM_TBS by device name) and of a measured device copy, and the
+speed-up over the reference. Also the reduction step (tt.transform) as a fraction of one timm
+DeiT-S block's forward time at B=256 bf16.
+
+    python bench/bench_gpu.py                      # on a GPU; JSON to bench/results/gpu-<card>.json
+    python bench/bench_gpu.py --out a.json --out b.json --models deit_s --batches 256
+    TRITON_INTERPRET=1 python bench/bench_gpu.py --smoke   # CPU tensors, tiny shapes, no GPU
+
+Exits 1 if any kernel disagrees with the reference (or fails), 2 if no GPU is found without
+--smoke. The JSON is rewritten after every shape, so a run cut short still leaves its results.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+MODELS = {
+    # name: (label, N, C, Dh, H, r)
+    "deit_s": ("DeiT-S/16 224", 197, 384, 64, 6, 16),
+    "deit_b": ("DeiT-B/16 224", 197, 768, 64, 12, 16),
+    "dinov2_s": ("DINOv2-S/14 224", 257, 384, 64, 6, 16),
+    "vit_l": ("ViT-L/16 384", 577, 1024, 64, 16, 32),
+}
+SMOKE_MODELS = {
+    "tiny": ("tiny (smoke)", 17, 32, 16, 2, 4),
+    "small": ("small (smoke)", 33, 48, 16, 3, 8),
+}
+BATCHES = (1, 64, 256)
+SMOKE_BATCHES = (1, 2)
+
+CONSTRUCTIONS = {
+    # name: (method, k, tau, alpha, targets)
+    "transform k=1": ("transform", 1, 0.1, 0.0, "all"),
+    "transform k=4": ("transform", 4, 0.1, 0.0, "all"),
+    "tome": ("tome", 1, 0.1, 0.0, "all"),
+}
+PREFIX = 1
+
+# Peak HBM bandwidth by device name (vendor datasheets), in TB/s. First match wins.
+# torch names the SXM H100 "NVIDIA H100 80GB HBM3"; GH200 and H100 NVL are not in the table.
+PEAK_HBM_TBS = (
+    ("H200", lambda n: re.search(r"\bh200\b", n), 4.8),
+    ("H100 PCIe", lambda n: re.search(r"\bh100\b", n) and "pcie" in n, 2.0),
+    ("H100 SXM", lambda n: re.search(r"\bh100\b", n) and ("sxm" in n or "hbm3" in n), 3.35),
+)
+
+X_TOL = dict(rtol=1.6e-2, atol=1.6e-2)  # bf16 outputs: both sides accumulate in fp32, round once
+FP32_TOL = dict(rtol=1e-4, atol=1e-6)   # fp32 weights, sizes and scores (exp/log may differ by ulps)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU tensors under TRITON_INTERPRET=1, tiny shapes, time.perf_counter")
+    p.add_argument("--out", action="append", default=None,
+                   help="JSON path (repeatable; default bench/results/gpu-<card>.json, "
+                        "smoke: out/bench/gpu-smoke.json)")
+    p.add_argument("--out-dir", action="append", default=None,
+                   help="folder for the JSON under its default name (repeatable; with --out too)")
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    p.add_argument("--ops", default=None,
+                   help="comma-separated subset of transform,match,apply,untransform,cls_attention")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (ms)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (ms)")
+    p.add_argument("--smoke-repeats", type=int, default=3, help="timed calls per case in --smoke")
+    p.add_argument("--peak-gbs", type=float, default=None,
+                   help="peak HBM bandwidth in GB/s for a card missing from the table")
+    p.add_argument("--no-block", action="store_true", help="skip the timm DeiT-S block timing")
+    p.add_argument("--no-check", action="store_true", help="time without checking (not advised)")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args(None if __name__ == "__main__" else [])
+if ARGS.smoke:
+    # The interpreter must be on before any @triton.jit module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import tt_kernels  # noqa: E402
+from tt_kernels import backends, reference  # noqa: E402
+from tt_kernels import triton_kernels  # noqa: E402
+from tt_kernels.machine import git_state  # noqa: E402
+
+OPS = ("transform", "match", "apply", "untransform", "cls_attention")
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def nvidia_smi():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,clocks.max.mem,power.limit", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_bandwidth(name, override_gbs):
+    """(peak GB/s or None, where it came from)."""
+    if override_gbs:
+        return override_gbs, "--peak-gbs"
+    low = name.lower()
+    for label, match, tbs in PEAK_HBM_TBS:
+        if match(low):
+            return tbs * 1000, f"table: {label} {tbs} TB/s"
+    return None, "unknown card"
+
+
+def versions():
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "torch_cuda": torch.version.cuda, "triton": triton_kernels.triton_version(),
+         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        import timm
+        v["timm"] = timm.__version__
+    except ImportError:
+        v["timm"] = None
+    try:
+        out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
+                             timeout=20).stdout
+        v["nvcc"] = next((line.strip() for line in out.splitlines() if "release" in line), None)
+    except (OSError, subprocess.SubprocessError):
+        v["nvcc"] = None
+    return v
+
+
+def device_info(device):
+    if device.type != "cuda":
+        return {"name": "cpu (smoke)", "cpu": platform.processor() or platform.machine(),
+                "peak_hbm_gbs": None, "peak_source": "smoke: no HBM"}
+    p = torch.cuda.get_device_properties(device)
+    info = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+            "sm_count": p.multi_processor_count,
+            "total_memory_gib": round(p.total_memory / 2**30, 2),
+            "l2_cache_mib": round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None,
+            "nvidia_smi": nvidia_smi()}
+    info["peak_hbm_gbs"], info["peak_source"] = peak_bandwidth(p.name, ARGS.peak_gbs)
+    if info["peak_hbm_gbs"] is None:
+        print(f"WARNING: no peak bandwidth known for {p.name!r}; % of peak is left out "
+              f"(give --peak-gbs)", file=sys.stderr)
+    return info
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def make_timer(device):
+    """timer(fn) -> {median_ms, p20_ms, p80_ms, method}."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        def timer(fn):
+            med, p20, p80 = do_bench(fn, warmup=ARGS.warmup_ms, rep=ARGS.rep_ms,
+                                     quantiles=[0.5, 0.2, 0.8])
+            return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
+        timer.method = (f"triton.testing.do_bench(warmup={ARGS.warmup_ms} ms, rep={ARGS.rep_ms} ms, "
+                        "quantiles=[0.5, 0.2, 0.8]); CUDA events around each call, L2 flushed "
+                        "before each; host-side launch cost included")
+        return timer
+
+    def timer(fn):
+        times = []  # the check call (or the first repeat, for the reference) warmed it up
+        for _ in range(max(ARGS.smoke_repeats, 1)):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        cuts = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+        return {"median_ms": statistics.median(times), "p20_ms": cuts[0], "p80_ms": cuts[-1]}
+    timer.method = f"time.perf_counter, {ARGS.smoke_repeats} calls (smoke)"
+    return timer
+
+
+def copy_bandwidth(device, timer):
+    """A device-to-device copy of 1 GiB (bytes read + written over the time): the measured
+    ceiling, in GB/s."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * 2**30 / (t["median_ms"] * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- inputs and bytes
+
+
+def make_inputs(B, N, C, D, H, device, dtype, seed=0):
+    """Tokens in a mid-network state: sizes 1..4, keys with a shared per-image direction (as real
+    attention keys have, so cosines are mostly positive), metric = keys averaged over heads."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    x = randn(B, N, C).to(dtype)
+    q = randn(B, H, N, D).to(dtype)
+    k = (randn(B, H, N, D) + 1.5 * randn(B, 1, 1, D)).to(dtype)
+    size = torch.randint(1, 5, (B, N), device=device, generator=g).float()
+    metric = k.mean(1)
+    return dict(x=x, q=q, k=k, size=size, metric=metric)
+
+
+def bytes_moved(op, B, N, C, D, H, K, r, ex, em, score=False, size_read=False):
+    """The fewest bytes the op must move through device memory (each input read once, each output
+    written once). ex: bytes per x element (bf16: 2), em: per metric/q/k element; fp32 size, score
+    and weight (4 bytes), int64 dst (8 bytes); N' = N - r output tokens.
+
+      match:         B*N*D*em (metric) [+ B*N*4 score] [+ B*N*4 size] + B*N*K*(8+4) (dst, weight)
+      apply:         B*N*C*ex (x) + B*N*4 (size) + B*N*K*(8+4) (T) + B*N'*C*ex (x') + B*N'*4 (size')
+      untransform:   B*N'*C*ex (y) + B*N*K*(8+4) (T) + B*N*C*ex (x_full)
+      transform:     match's bytes + B*N*C*ex (x) + B*N*4 (size) + B*N'*C*ex + B*N'*4 (x', size');
+                     T is written once (its re-read inside the fused step is not counted)
+      cls_attention: B*H*Dh*em (class queries only) + B*H*N*Dh*em (k) + B*N*4 (size) + B*N*4 (score)
+    """
+    n_out = N - r
+    t_bytes = B * N * K * (8 + 4)
+    if op == "match":
+        return B * N * D * em + (B * N * 4 if score else 0) + (B * N * 4 if size_read else 0) \
+            + t_bytes
+    if op == "apply":
+        return B * N * C * ex + B * N * 4 + t_bytes + B * n_out * C * ex + B * n_out * 4
+    if op == "untransform":
+        return B * n_out * C * ex + t_bytes + B * N * C * ex
+    if op == "transform":
+        return bytes_moved("match", B, N, C, D, H, K, r, ex, em, score, False) \
+            + B * N * C * ex + B * N * 4 + B * n_out * C * ex + B * n_out * 4
+    if op == "cls_attention":
+        return B * H * D * em + B * H * N * D * em + B * N * 4 + B * N * 4
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def close(a, b, tol):
+    """(ok, max abs diff) of two tensors (shapes and dtypes must agree; NaN never passes)."""
+    if a.shape != b.shape:
+        return False, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.numel() == 0:
+        return True, 0.0
+    a, b = a.double(), b.double()
+    ok = bool(torch.isclose(a, b, **tol).all()) and not bool(torch.isnan(a).any())
+    return ok, float((a - b).abs().max())
+
+
+def similarity64(metric):
+    """The reference's cosine similarity, in float64 (tie diagnosis only)."""
+    m = metric.double().contiguous()
+    m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.bmm(m, m.transpose(1, 2))
+
+
+def reference_match64(match_args):
+    """reference.match with float64 similarities: what exact arithmetic would choose."""
+    mod = reference.constructions
+    saved = mod.similarity
+    mod.similarity = similarity64
+    try:
+        return reference.match(*match_args)
+    finally:
+        mod.similarity = saved
+
+
+def check_T(dst, weight, ref, match_args):
+    """dst must equal the reference's exactly, image by image. An image whose dst differs passes
+    as a near tie only if it equals the float64-similarity reference's (the fp32 reference itself
+    rounded a near tie the other way). Weights within FP32_TOL of the matching reference."""
+    ref_dst, ref_w = ref
+    if dst.shape != ref_dst.shape or dst.dtype != ref_dst.dtype:
+        return False, {"dst": f"shape/dtype {tuple(dst.shape)} {dst.dtype} vs "
+                              f"{tuple(ref_dst.shape)} {ref_dst.dtype}"}
+    B = dst.shape[0]
+    same = (dst == ref_dst).flatten(1).all(1) if B else torch.ones(0, dtype=torch.bool)
+    details = {"images": B, "dst_exact_images": int(same.sum())}
+    ok = True
+    w_ok, w_diff = close(weight[same], ref_w[same], FP32_TOL)
+    if not bool(same.all()):
+        d64, w64 = reference_match64(match_args)
+        tie = ~same & (dst == d64).flatten(1).all(1)
+        bad = ~same & ~tie
+        details["near_tie_images"] = int(tie.sum())
+        details["dst_mismatch_images"] = int(bad.sum())
+        if bool(bad.any()):
+            b0 = int(bad.nonzero()[0, 0])
+            j0 = int((dst[b0] != ref_dst[b0]).any(-1).nonzero()[0, 0])
+            details["first_mismatch"] = {"image": b0, "token": j0,
+                                         "got": dst[b0, j0].tolist(),
+                                         "want": ref_dst[b0, j0].tolist()}
+            ok = False
+        if bool(tie.any()):
+            t_ok, t_diff = close(weight[tie], w64[tie].float(), FP32_TOL)
+            w_ok &= t_ok
+            details["weight_near_tie_max_abs_diff"] = t_diff
+    details["weight_max_abs_diff"] = w_diff
+    return bool(ok and w_ok), details
+
+
+def check(op, out, args):
+    """(ok, details) for one backend's output against the reference on the same inputs."""
+    out = out if isinstance(out, tuple) else (out,)
+    details = {}
+    if op in ("match", "transform"):
+        match_args = args if op == "match" else \
+            (args[2], args[3], args[1]) + tuple(args[4:11])
+        ref = reference.match(*match_args)
+        dst, weight = (out[0], out[1]) if op == "match" else (out[2], out[3])
+        ok, details = check_T(dst, weight, ref, match_args)
+        if op == "transform":
+            x, size = args[0], args[1]
+            # x' against the reference apply of the kernel's own T, so a near tie in T
+            # (checked above) does not count twice.
+            want_x, want_size = reference.apply(x, size, dst, weight, x.shape[1] - args[4],
+                                                args[11])
+            x_ok, x_diff = close(out[0], want_x, X_TOL)
+            s_ok, s_diff = close(out[1], want_size, FP32_TOL)
+            details.update(x_max_abs_diff=x_diff, size_max_abs_diff=s_diff,
+                           x_dtype=str(out[0].dtype).replace("torch.", ""))
+            ok = ok and x_ok and s_ok and out[0].dtype == x.dtype
+        return ok, details
+    if op == "apply":
+        want_x, want_size = reference.apply(*args)
+        x_ok, x_diff = close(out[0], want_x, X_TOL)
+        s_ok, s_diff = close(out[1], want_size, FP32_TOL)
+        return x_ok and s_ok and out[0].dtype == want_x.dtype, \
+            {"x_max_abs_diff": x_diff, "size_max_abs_diff": s_diff}
+    if op == "untransform":
+        want = reference.untransform(*args)
+        x_ok, x_diff = close(out[0], want, X_TOL)
+        return x_ok and out[0].dtype == want.dtype, {"x_max_abs_diff": x_diff}
+    if op == "cls_attention":
+        want = reference.cls_attention(*args)
+        s_ok, s_diff = close(out[0], want, FP32_TOL)
+        return s_ok, {"score_max_abs_diff": s_diff}
+    raise ValueError(op)
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def build_cases(model, B, inp, dtype, ops):
+    label, N, C, D, H, r = (MODELS | SMOKE_MODELS)[model]
+    ex = em = torch.empty(0, dtype=dtype).element_size()
+    cases = []
+
+    def add(op, construction, args, K, score=False, size_read=False):
+        nbytes = bytes_moved(op, B, N, C, D, H, K, r, ex, em, score, size_read)
+        name = f"{model} B={B} {op}" + (f"/{construction}" if construction else "")
+        cases.append(dict(name=name, model=model, model_label=label, B=B, N=N, C=C, Dh=D, H=H,
+                          r=r, dtype=str(dtype).replace("torch.", ""), op=op,
+                          construction=construction, K=K, bytes=nbytes, args=args))
+
+    x, size, metric = inp["x"], inp["size"], inp["metric"]
+    for name, (method, k, tau, alpha, targets) in CONSTRUCTIONS.items():
+        K = k if method == "transform" else 1
+        construction = (r, method, k, tau, alpha, targets, PREFIX)
+        if "transform" in ops:
+            add("transform", name, (x, size, metric, None) + construction + ("mean",), K)
+        if "match" in ops:
+            add("match", name, (metric, None, size) + construction, K)
+    for name in ("transform k=1", "transform k=4"):
+        method, k, tau, alpha, targets = CONSTRUCTIONS[name]
+        if "apply" not in ops and "untransform" not in ops:
+            break
+        dst, weight = reference.match(metric, None, size, r, method, k, tau, alpha, targets,
+                                      PREFIX)
+        if "apply" in ops:
+            add("apply", f"T of {name}", (x, size, dst, weight, N - r, "mean"), k)
+        if "untransform" in ops:
+            y, _ = reference.apply(x, size, dst, weight, N - r, "mean")
+            add("untransform", f"T of {name}", (y, dst, weight), k)
+    if "cls_attention" in ops:
+        add("cls_attention", None, (inp["q"], inp["k"], size, None), 1)
+    return cases
+
+
+def implementations(op, device):
+    """{backend: callable} for the backends that have `op` on this device. On CPU (--smoke) the
+    compiled CPU kernels stand in for the CUDA ones, through the same torch.ops.tt call."""
+    impls = {}
+    compiled = "cuda" if device.type == "cuda" else "cpu"
+    for name in ("triton", compiled, "reference"):
+        if name == compiled and op not in backends.CUDA_CPP_OPS:
+            continue  # only the ops with CUDA C++ kernels (in smoke: the same set, on CPU)
+        try:
+            impls[name] = backends.implementation(op, name, device)
+        except ValueError as e:
+            impls[name] = e
+    return impls
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(case, device, timer, peak_gbs, copy_gbs):
+    op, args = case["op"], case["args"]
+    results = {}
+    for backend, fn in implementations(op, device).items():
+        res = results[backend] = {}
+        if isinstance(fn, Exception):
+            res["error"] = f"unavailable: {fn}"
+            continue
+        try:
+            if backend != "reference" and not ARGS.no_check:
+                out = fn(*args)
+                sync(device)
+                ok, details = check(op, out, args)
+                res["check"] = {"ok": ok, **details}
+                del out
+            res.update(timer(lambda: fn(*args)))
+        except Exception as e:  # a kernel that fails is recorded, the run goes on
+            res["error"] = f"{type(e).__name__}: {e}"
+            res["traceback"] = traceback.format_exc(limit=6)
+            res.setdefault("check", {"ok": False})
+            continue
+        ms = res["median_ms"]
+        res["gbs"] = case["bytes"] / (ms * 1e-3) / 1e9
+        res["pct_peak_hbm"] = 100 * res["gbs"] / peak_gbs if peak_gbs else None
+        res["pct_copy"] = 100 * res["gbs"] / copy_gbs if copy_gbs else None
+    ref_ms = results.get("reference", {}).get("median_ms")
+    for backend, res in results.items():
+        if "median_ms" in res and ref_ms:
+            res["speedup_vs_reference"] = ref_ms / res["median_ms"]
+    return results
+
+
+# ----------------------------------------------------------------------------- reduction step
+
+
+def reduction_step(records, device, dtype, timer, model, B):
+    """tt.transform (the whole reduction step) against one timm DeiT-S block's forward."""
+    out = {"model": "deit_small_patch16_224", "block": "model.blocks[0]", "B": B,
+           "dtype": str(dtype).replace("torch.", ""), "step_shape_model": model,
+           "step": "tt.transform (similarity, T and its application in one op); the metric "
+                   "(keys averaged over heads) is timed separately as metric_ms"}
+    try:
+        import timm
+        net = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=0)
+        block = net.blocks[0].to(device=device, dtype=dtype).eval()
+        tokens = torch.randn(B, 197, 384, device=device).to(dtype)
+        with torch.no_grad():
+            block_t = timer(lambda: block(tokens))
+        out["block_ms"] = block_t
+        del net, block, tokens
+    except Exception as e:
+        out["error"] = f"block timing failed: {type(e).__name__}: {e}"
+        return out
+    _, N, _, D, H, _ = (MODELS | SMOKE_MODELS)[model]
+    k = torch.randn(B, H, N, D, device=device).to(dtype)
+    out["metric_ms"] = timer(lambda: k.mean(1))["median_ms"]
+    blk = block_t["median_ms"]
+    steps = {}
+    for rec in records:
+        if rec["model"] == model and rec["B"] == B and rec["op"] == "transform":
+            for backend, res in rec["results"].items():
+                if "median_ms" in res:
+                    ms = res["median_ms"]
+                    steps.setdefault(rec["construction"], {})[backend] = {
+                        "ms": ms, "fraction_of_block": ms / blk,
+                        "with_metric_fraction_of_block": (ms + out["metric_ms"]) / blk}
+    out["steps"] = steps
+    if device.type != "cuda":
+        out["note"] = "smoke: CPU block and tiny step shape; not meaningful"
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton resources
+
+
+def triton_resources():
+    """Registers, spills and shared memory of every compiled Triton kernel (best effort: the
+    JIT cache layout differs across Triton versions)."""
+    import importlib
+
+    import triton
+    rows, seen = [], set()
+    if triton_kernels.interpreted():
+        return rows
+    for mod_name in triton_kernels.OPS:
+        mod = importlib.import_module(f"{triton_kernels.__name__}.{mod_name}")
+        for name, obj in vars(mod).items():
+            if not isinstance(obj, triton.runtime.jit.JITFunction) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            try:
+                for entry in getattr(obj, "device_caches", {}).values():
+                    cache = entry[0] if isinstance(entry, tuple) else entry
+                    for key, kernel in dict(cache).items():
+                        meta = getattr(kernel, "metadata", None)
+                        rows.append({"kernel": name, "n_regs": getattr(kernel, "n_regs", None),
+                                     "n_spills": getattr(kernel, "n_spills", None),
+                                     "shared_bytes": getattr(meta, "shared", None),
+                                     "num_warps": getattr(meta, "num_warps", None),
+                                     "key": str(key)[:300]})
+            except Exception as e:
+                rows.append({"kernel": name, "error": f"{type(e).__name__}: {e}"})
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def strip(case):
+    return {key: v for key, v in case.items() if key != "args"}
+
+
+def write_json(doc, paths):
+    text = json.dumps(doc, indent=1, default=str)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def fmt(v, spec):
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    width = re.match(r"\d*", spec).group()
+    return "-".rjust(int(width) if width else 1)
+
+
+def print_table(records):
+    head = f"{'case':44} {'backend':9} {'check':6} {'median ms':>10} {'p20':>9} {'p80':>9} " \
+           f"{'GB/s':>8} {'%peak':>6} {'x ref':>7}"
+    print(head)
+    print("-" * len(head))
+    for rec in records:
+        for backend, res in rec["results"].items():
+            chk = res.get("check", {}).get("ok")
+            chk = "-" if chk is None else ("ok" if chk else "FAIL")
+            if "error" in res:
+                chk = "ERROR" if not res["error"].startswith("unavailable") else "n/a"
+            print(f"{rec['name'][:44]:44} {backend:9} {chk:6} {fmt(res.get('median_ms'), '10.4f')} "
+                  f"{fmt(res.get('p20_ms'), '9.4f')} {fmt(res.get('p80_ms'), '9.4f')} "
+                  f"{fmt(res.get('gbs'), '8.1f')} {fmt(res.get('pct_peak_hbm'), '6.1f')} "
+                  f"{fmt(res.get('speedup_vs_reference'), '7.2f')}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main():
+    smoke = ARGS.smoke
+    if smoke:
+        device = torch.device("cpu")
+        if not triton_kernels.interpreted():
+            print("--smoke needs TRITON_INTERPRET=1 set before Triton is imported", file=sys.stderr)
+            return 2
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU visible: run on a GPU, or use --smoke (CPU, Triton interpreter)",
+                  file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference's similarities in true fp32
+        torch.backends.cudnn.allow_tf32 = False
+    dtype = torch.bfloat16
+    models = SMOKE_MODELS if smoke else MODELS
+    model_names = ARGS.models.split(",") if ARGS.models else list(models)
+    unknown = [m for m in model_names if m not in models]
+    if unknown:
+        print(f"unknown models {unknown}; choose from {list(models)}", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in ARGS.batches.split(",")] if ARGS.batches else \
+        list(SMOKE_BATCHES if smoke else BATCHES)
+    ops = ARGS.ops.split(",") if ARGS.ops else list(OPS)
+
+    dev = device_info(device)
+    default_name = "gpu-smoke.json" if smoke else f"gpu-{slug(dev['name'])}.json"
+    paths = [Path(p) for p in ARGS.out or ()] + [Path(d) / default_name for d in ARGS.out_dir or ()]
+    if not paths:
+        paths = [ROOT / "out" / "bench" / default_name] if smoke else \
+            [HERE / "results" / default_name]
+    timer = make_timer(device)
+    dev["measured_copy_gbs"] = copy_bandwidth(device, timer)
+    doc = {
+        "what": "tt_kernels GPU microbenchmarks (bench/bench_gpu.py)",
+        "mode": "smoke" if smoke else "gpu",
+        "complete": False,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": dev,
+        "versions": versions(),
+        "build": tt_kernels.build_info(),
+        "git": git_state(),
+        "timing": {"method": timer.method, "quantiles": "median, p20, p80"},
+        "checks_method": "each kernel's output against tt_kernels.reference on the same inputs "
+                         "before timing: dst exactly per image (near ties of the fp32 reference "
+                         "resolved with float64 similarities), x/y within bf16 tolerance "
+                         f"{X_TOL}, fp32 weight/size/score within {FP32_TOL}",
+        "bytes_method": bytes_moved.__doc__,
+        "shapes": {m: dict(zip(("label", "N", "C", "Dh", "H", "r"), models[m])) for m in model_names},
+        "batches": batches, "dtype": "bfloat16 (x, metric, q, k); fp32 size, score, weight",
+        "constructions": {n: dict(zip(("method", "k", "tau", "alpha", "targets"), c))
+                          for n, c in CONSTRUCTIONS.items()},
+        "cases": [],
+        "errors": [],
+    }
+    print(f"device: {dev['name']}  peak: {dev['peak_hbm_gbs']} GB/s ({dev['peak_source']})  "
+          f"measured copy: {fmt(dev['measured_copy_gbs'], '.0f')} GB/s")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton "
+          f"{triton_kernels.triton_version()}, cuda C++ ops {list(backends.CUDA_CPP_OPS)}")
+    write_json(doc, paths)
+    records = doc["cases"]
+    step_model, step_b = ("tiny", 2) if smoke else ("deit_s", 256)
+    with torch.no_grad():
+        for model in model_names:
+            label, N, C, D, H, r = models[model]
+            for B in batches:
+                t0 = time.perf_counter()
+                try:
+                    inp = make_inputs(B, N, C, D, H, device, dtype)
+                    cases = build_cases(model, B, inp, dtype, ops)
+                except Exception as e:
+                    doc["errors"].append(f"{model} B={B} inputs: {type(e).__name__}: {e}")
+                    continue
+                for case in cases:
+                    case["results"] = run_case(case, device, timer, dev["peak_hbm_gbs"],
+                                               dev["measured_copy_gbs"])
+                    records.append(strip(case))
+                del inp, cases
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if (model, B) == (step_model, step_b) and not ARGS.no_block and "transform" in ops:
+                    doc["reduction_step"] = reduction_step(records, device, dtype, timer,
+                                                           step_model, step_b)
+                print(f"[{model} B={B}: {time.perf_counter() - t0:.1f} s]", flush=True)
+                write_json(doc, paths)
+        if "reduction_step" not in doc:
+            doc["reduction_step"] = {"skipped": f"needs {step_model} B={step_b} and the transform "
+                                                "op in the run, without --no-block"}
+    try:
+        doc["triton_kernel_resources"] = triton_resources()
+    except Exception as e:
+        doc["triton_kernel_resources"] = [{"error": f"{type(e).__name__}: {e}"}]
+    failed = [f"{rec['name']} [{b}]" for rec in records for b, res in rec["results"].items()
+              if (res.get("check", {}).get("ok") is False)
+              or ("error" in res and not res["error"].startswith("unavailable"))]
+    checked = sum(1 for rec in records for res in rec["results"].values() if "check" in res)
+    doc["checks"] = {"checked": checked, "failed": failed}
+    doc["all_passed"] = not failed and not doc["errors"]
+    doc["complete"] = True
+    doc["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_json(doc, paths)
+
+    print_table(records)
+    step = doc.get("reduction_step", {})
+    if "steps" in step:
+        print(f"\nreduction step vs one DeiT-S block (B={step['B']}, block "
+              f"{step['block_ms']['median_ms']:.3f} ms, metric {step['metric_ms']:.3f} ms):")
+        for construction, per in step["steps"].items():
+            print("  " + construction + ": " + ", ".join(
+                f"{b} {v['ms']:.3f} ms = {100 * v['fraction_of_block']:.1f}%" for b, v in per.items()))
+    elif step:
+        print(f"\nreduction step: {step.get('error') or step.get('skipped')}")
+    spills = [row for row in doc["triton_kernel_resources"] if row.get("n_spills")]
+    if spills:
+        print("\nTriton kernels with register spills: " + ", ".join(
+            sorted({f"{row['kernel']} ({row['n_spills']})" for row in spills})))
+    print(f"\nchecks: {checked - len(failed)}/{checked} passed" +
+          (f"; FAILED: {', '.join(failed)}" if failed else "") +
+          (f"; errors: {doc['errors']}" if doc["errors"] else ""))
+    print("JSON: " + ", ".join(str(p) for p in paths))
+    return 0 if doc["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
