@@ -20,20 +20,28 @@ from tt_kernels import data
 from tt_kernels.evaluate import run_features
 from tt_kernels.models import dinov2_onnx
 
+BASE = dict(cost="cosine", mode="mean", metric="keys_mean")  # ToMe's ingredients
 CONFIGS = {
     "tome": dict(method="tome"),
     "prune": dict(method="prune"),
     "evit": dict(method="evit"),
-    "transform k=1 targets=b (= tome)": dict(k=1, targets="b"),
-    "transform k=1 targets=all": dict(k=1),
-    "transform k=2 tau=0.1": dict(k=2, tau=0.1),
-    "transform k=2 tau=0.02": dict(k=2, tau=0.02),
-    "transform k=4 tau=0.1": dict(k=4, tau=0.1),
-    "transform k=4 tau=0.02": dict(k=4, tau=0.02),
-    "transform k=1 mix alpha=0.1": dict(k=1, source="mix", alpha=0.1),
-    "transform k=1 mix alpha=0.25": dict(k=1, source="mix", alpha=0.25),
-    "transform k=1 mix alpha=0.5": dict(k=1, source="mix", alpha=0.5),
-    "transform k=1 importance": dict(k=1, source="importance"),
+    "transform k=1 targets=b (= tome)": dict(BASE, targets="b"),
+    "transform k=1 targets=all": dict(BASE),
+    "transform k=2 tau=0.02": dict(BASE, k=2, tau=0.02),
+    "transform k=4 tau=0.1": dict(BASE, k=4, tau=0.1),
+    "transform mix alpha=0.1": dict(BASE, source="mix", alpha=0.1),
+    "transform importance": dict(BASE, source="importance"),
+    "+ norm-preserving merge": dict(BASE, mode="norm"),
+    "+ full keys metric": dict(BASE, metric="keys"),
+    "+ Ward cost": dict(BASE, cost="ward"),
+    "+ Ward cost + norm": dict(BASE, cost="ward", mode="norm"),
+    "+ full keys + norm": dict(BASE, metric="keys", mode="norm"),
+    "+ full keys + Ward": dict(BASE, metric="keys", cost="ward"),
+    "default: full keys + Ward + norm": dict(),
+    "default, targets=b": dict(targets="b"),
+    "default, k=2 tau=0.1": dict(k=2, tau=0.1),
+    "default, k=4 tau=0.1": dict(k=4, tau=0.1),
+    "default, mix alpha=0.1": dict(source="mix", alpha=0.1),
 }
 
 
@@ -58,13 +66,17 @@ def main():
         cls, grid = run_features(patched, images, 34)
         cos = F.cosine_similarity(cls, cls_ref, dim=-1)
         patch_cos = F.cosine_similarity(grid, grid_ref, dim=-1).mean(1)
-        rows.append(dict(name=name, settings=settings,
+        n0 = model.patch_embed.num_patches + model.num_prefix_tokens
+        flops = patched.token_reduction.schedule_flops(model, n0) / tt_kernels.vit_flops(
+            model, n0, [0] * len(model.blocks))
+        rows.append(dict(name=name, settings=settings, flops_fraction=flops,
                          schedule=patched.token_reduction.schedule,
                          cls_cosine=cos.mean().item(), cls_cosine_worst=cos.min().item(),
                          patch_cosine=patch_cos.mean().item(),
                          patch_cosine_worst=patch_cos.min().item()))
-        print(f"{name:40s} cls {cos.mean():.5f} (worst {cos.min():.4f})  patches "
-              f"{patch_cos.mean():.4f}  [{time.time() - start:.0f}s]", flush=True)
+        print(f"{name:36s} cls {cos.mean():.5f} (worst {cos.min():.4f})  patches "
+              f"{patch_cos.mean():.4f}  FLOPs {flops:.3f}  [{time.time() - start:.0f}s]",
+              flush=True)
     rows.sort(key=lambda r: -r["cls_cosine"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -79,7 +79,7 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
                          const std::optional<at::Tensor>& score,
                          const std::optional<at::Tensor>& size, int64_t r,
                          c10::string_view method, int64_t k, double tau, double alpha,
-                         c10::string_view targets, int64_t prefix) {
+                         c10::string_view targets, int64_t prefix, c10::string_view cost) {
   Construction c{};
   c.method = parse_method(op, method);
   const bool needs_metric = c.method == Method::Tome || c.method == Method::Transform;
@@ -130,6 +130,12 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   TORCH_CHECK_VALUE(targets == "all" || targets == "b", op,
                     ": `targets` must be 'all' or 'b', got '", std::string(targets), "'");
   c.targets_b = targets == "b";
+  TORCH_CHECK_VALUE(cost == "cosine" || cost == "ward", op,
+                    ": `cost` must be 'cosine' or 'ward', got '", std::string(cost), "'");
+  TORCH_CHECK_VALUE(c.method == Method::Transform || cost == "cosine", op,
+                    ": `cost` applies only to method 'transform'; got '", std::string(cost),
+                    "' with '", std::string(method), "'");
+  c.ward = cost == "ward";
   // Largest r each construction can honour with static shapes (N' = N - r).
   int64_t r_max = n - prefix;
   const char* why = "N - prefix";
@@ -151,13 +157,15 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   return c;
 }
 
-static bool parse_mode(const char* op, c10::string_view mode) {
-  TORCH_CHECK_VALUE(mode == "mean" || mode == "sum", op, ": `mode` must be 'mean' or 'sum', got '",
+static Mode parse_mode(const char* op, c10::string_view mode) {
+  if (mode == "sum") return Mode::Sum;
+  if (mode == "mean") return Mode::Mean;
+  if (mode == "norm") return Mode::Norm;
+  TORCH_CHECK_VALUE(false, op, ": `mode` must be 'mean', 'norm' or 'sum', got '",
                     std::string(mode), "'");
-  return mode == "mean";
 }
 
-bool check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
+Mode check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
                  const at::Tensor& weight, int64_t n_out, c10::string_view mode) {
   check_tokens(op, "x", x, 3);
   const int64_t batch = x.size(0), tokens = x.size(1);
@@ -169,7 +177,7 @@ bool check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, co
   return parse_mode(op, mode);
 }
 
-bool check_transform(const at::Tensor& x, const at::Tensor& size, const Construction& c,
+Mode check_transform(const at::Tensor& x, const at::Tensor& size, const Construction& c,
                      c10::string_view mode) {
   const char* op = "tt.transform";
   check_tokens(op, "x", x, 3);
@@ -216,8 +224,8 @@ namespace {
 void check_match_op(const std::optional<at::Tensor>& metric, const std::optional<at::Tensor>& score,
                     const std::optional<at::Tensor>& size, int64_t r, c10::string_view method,
                     int64_t k, double tau, double alpha, c10::string_view targets,
-                    int64_t prefix) {
-  check_match("tt.match", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+                    int64_t prefix, c10::string_view cost) {
+  check_match("tt.match", metric, score, size, r, method, k, tau, alpha, targets, prefix, cost);
 }
 
 void check_apply_op(const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
@@ -229,9 +237,10 @@ void check_transform_op(const at::Tensor& x, const at::Tensor& size,
                         const std::optional<at::Tensor>& metric,
                         const std::optional<at::Tensor>& score, int64_t r,
                         c10::string_view method, int64_t k, double tau, double alpha,
-                        c10::string_view targets, int64_t prefix, c10::string_view mode) {
-  const Construction c =
-      check_match("tt.transform", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+                        c10::string_view targets, int64_t prefix, c10::string_view mode,
+                        c10::string_view cost) {
+  const Construction c = check_match("tt.transform", metric, score, size, r, method, k, tau, alpha,
+                                     targets, prefix, cost);
   check_transform(x, size, c, mode);
 }
 

@@ -11,12 +11,17 @@ namespace tt {
 
 enum class Method { Prune, Evit, Tome, Transform };
 
+// How apply combines what an output row receives: plain sum (T X), size-weighted mean, or that
+// mean rescaled to the size-weighted mean of its inputs' norms.
+enum class Mode { Sum, Mean, Norm };
+
 // A construction of T, validated. K is the number of slots per input token.
 struct Construction {
   Method method;
   int64_t batch, tokens, r, k, prefix;
   double tau, alpha;
   bool targets_b;  // targets restricted to ToMe's B set
+  bool ward;       // affinity = -Ward's merge cost instead of the cosine
   int64_t slots() const { return method == Method::Transform ? k : 1; }
   bool by_importance() const {
     return method == Method::Prune || method == Method::Evit || alpha == 1.0;
@@ -27,10 +32,10 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
                          const std::optional<at::Tensor>& score,
                          const std::optional<at::Tensor>& size, int64_t r,
                          c10::string_view method, int64_t k, double tau, double alpha,
-                         c10::string_view targets, int64_t prefix);
-bool check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
+                         c10::string_view targets, int64_t prefix, c10::string_view cost);
+Mode check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,
                  const at::Tensor& weight, int64_t n_out, c10::string_view mode);
-bool check_transform(const at::Tensor& x, const at::Tensor& size, const Construction& c,
+Mode check_transform(const at::Tensor& x, const at::Tensor& size, const Construction& c,
                      c10::string_view mode);
 void check_untransform(const at::Tensor& y, const at::Tensor& dst, const at::Tensor& weight);
 double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
@@ -43,6 +48,6 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
                                                   const at::Tensor& size);
 std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x, const at::Tensor& size,
                                                   const at::Tensor& dst, const at::Tensor& weight,
-                                                  int64_t n_out, bool mean);
+                                                  int64_t n_out, Mode mode);
 
 }  // namespace tt

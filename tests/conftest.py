@@ -27,11 +27,11 @@ def x_tol(dtype):
     return _X_TOL[dtype]
 
 
-def construction_kwargs(method, k=1, alpha=0.0, targets="all", tau=0.1):
-    """The keyword arguments of a construction; only transform takes k/alpha/targets/tau."""
+def construction_kwargs(method, k=1, alpha=0.0, targets="all", tau=0.1, cost="cosine"):
+    """The keyword arguments of a construction; only transform takes k/alpha/targets/tau/cost."""
     if method != "transform":
         return {}
-    return dict(k=k, tau=tau, alpha=alpha, targets=targets)
+    return dict(k=k, tau=tau, alpha=alpha, targets=targets, cost=cost)
 
 
 def r_for(kind, method, n, prefix, alpha=0.0):

@@ -130,6 +130,9 @@ OP_CASES = [
     ("transform-mode", lambda g: g.transform(mode="max"), "mode"),
     ("apply-mode", lambda g: g.apply(mode="avg"), "mode"),
     ("match-targets", lambda g: g.match(targets="a"), "targets"),
+    ("match-cost", lambda g: g.match(cost="euclid"), "cost"),
+    ("transform-cost", lambda g: g.transform(cost="l2"), "cost"),
+    ("tome-with-ward", lambda g: g.match(method="tome", cost="ward"), "cost"),
     # k, tau, alpha
     ("k-with-tome", lambda g: g.match(method="tome", k=2), "k"),
     ("k-with-prune", lambda g: g.transform(method="prune", k=4), "k"),
@@ -234,6 +237,7 @@ API_CASES = [
     ("method", _api_transform, dict(method="bipartite"), "method"),
     ("mode", _api_transform, dict(mode="max"), "mode"),
     ("targets", _api_match, dict(targets="B"), "targets"),
+    ("cost", _api_match, dict(cost="ward2"), "cost"),
     ("k-with-tome", _api_transform, dict(method="tome", k=2), "k"),
     ("k-zero", _api_match, dict(k=0), "k"),
     ("tau", _api_transform, dict(tau=0.0), "tau"),

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,N,r,k", [(1, 17, 0, 1), (3, 197, 16, 4), (2, 257, 128, 2)])
-@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 def test_apply_and_untransform_match_reference(dtype, B, N, r, k, mode):
     torch.manual_seed(0)
     x = torch.randn(B, N, 96, dtype=dtype)

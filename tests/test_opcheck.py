@@ -26,10 +26,13 @@ def _calls(dtype):
         "match_tome": (ops.match, (m,), dict(r=R, method="tome")),
         "apply_mean": (ops.apply, (x, size, dst, weight, N - R), {}),
         "apply_sum": (ops.apply, (x, size, dst, weight, N - R, "sum"), {}),
+        "apply_norm": (ops.apply, (x, size, dst, weight, N - R, "norm"), {}),
         "untransform": (ops.untransform, (y, dst, weight), {}),
         "transform": (ops.transform, (x, size, m, s),
                       dict(r=R, method="transform", k=4, alpha=0.5)),
         "transform_tome_sum": (ops.transform, (x, size, m), dict(r=R, method="tome", mode="sum")),
+        "transform_ward_norm": (ops.transform, (x, size, m),
+                                dict(r=R, method="transform", mode="norm", cost="ward")),
         "transform_prune": (ops.transform, (x, size, m, s), dict(r=R, method="prune")),
         "cls_attention": (ops.cls_attention, (q, k, size), {}),
         "cls_attention_scale": (ops.cls_attention, (q, k), dict(scale=0.25)),
@@ -49,7 +52,8 @@ def test_opcheck(name, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_input_gradient_has_input_dtype(dtype):
     calls = _calls(getattr(torch, dtype))
-    for name in ("apply_mean", "apply_sum", "untransform", "transform"):
+    for name in ("apply_mean", "apply_sum", "apply_norm", "untransform", "transform",
+                 "transform_ward_norm"):
         op, args, kwargs = calls[name]
         out = op(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else out

@@ -52,10 +52,13 @@ def _cases():
             B, N, prefix, dup = GEOMETRIES[n % len(GEOMETRIES)]
             r = r_for(r_kind, method, N, prefix, alpha)
             r = min(r, N - 1)  # N' = 0 (prefix 0, everything pruned) has its own test below
-            mode = ("mean", "sum")[n % 2]
+            mode = ("mean", "sum", "norm")[n % 3]
+            cost = ("cosine", "ward")[(n // 3) % 2] if method == "transform" else "cosine"
             case = dict(method=method, k=k, alpha=alpha, targets=targets, r=r, dtype=dtype, B=B,
-                        N=N, prefix=prefix, duplicates=dup, mode=mode, seed=n)
-            name = (f"{method}" + (f"-k{k}-a{alpha}-{targets}" if method == "transform" else "")
+                        N=N, prefix=prefix, duplicates=dup, mode=mode, cost=cost, seed=n)
+            name = (f"{method}" + (f"-k{k}-a{alpha}-{targets}-{cost}" if method == "transform"
+                                   else "")
+                    + f"-{mode}"
                     + f"-r{r}-{str(dtype)[6:]}-B{B}-N{N}-P{prefix}" + ("-dup" if dup else ""))
             cases.append(pytest.param(case, id=name))
     return cases
@@ -67,14 +70,15 @@ CASES = _cases()
 def _inputs(case):
     t = make_tokens(case["B"], case["N"], dtype=case["dtype"], seed=case["seed"],
                     duplicates=case["duplicates"])
-    kw = construction_kwargs(case["method"], case["k"], case["alpha"], case["targets"])
+    kw = construction_kwargs(case["method"], case["k"], case["alpha"], case["targets"],
+                             cost=case["cost"])
     return t, dict(r=case["r"], method=case["method"], prefix=case["prefix"], **kw)
 
 
 def _ref_match(t, args):
-    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all"), **args}
+    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **args}
     return reference.match(t["metric"], t["score"], t["size"], a["r"], a["method"], a["k"],
-                           a["tau"], a["alpha"], a["targets"], a["prefix"])
+                           a["tau"], a["alpha"], a["targets"], a["prefix"], a["cost"])
 
 
 def _assert_same_T(got, want):
@@ -106,7 +110,7 @@ def test_transform(case):
     torch.testing.assert_close(x_out, want[0], **x_tol(case["dtype"]))
 
 
-@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("case", CASES)
 def test_apply(case, mode):
     t, args = _inputs(case)

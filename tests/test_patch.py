@@ -123,16 +123,22 @@ def test_schedules_and_runtime_changes():
         model(_images())
 
 
-def test_flops_budget_is_met_exactly():
+@pytest.mark.parametrize("settings", [dict(), dict(method="tome"), dict(metric="keys_mean")])
+def test_flops_budget_is_met_from_below(settings):
     model = _model("deit")
     full = tt_kernels.vit_flops(model, 65, [0] * 4)
-    patched = tt_kernels.patch(model, flops=0.7)
+    patched = tt_kernels.patch(model, flops=0.7, **settings)
     with torch.no_grad():
         patched(_images())
-    schedule = patched.token_reduction.schedule
-    assert tt_kernels.vit_flops(model, 65, schedule) <= 0.7 * full
-    r = schedule[0]
-    assert tt_kernels.vit_flops(model, 65, [r - 1] * 4) > 0.7 * full
+    tr = patched.token_reduction
+    schedule = tr.schedule
+    assert tr.schedule_flops(model, 65) <= 0.7 * full
+    assert schedule[-1] == 0  # the last block's removals would save only its own MLP
+    tr.schedule = [max(r - 1, 0) for r in schedule]
+    assert tr.schedule_flops(model, 65) > 0.7 * full
+    # the similarity is counted at the metric's width: full keys cost more than one head's
+    width = 48 if settings.get("method") != "tome" and "metric" not in settings else 16
+    assert tr.metric_dim(model) == width
 
 
 def test_unpatch_restores_the_model():

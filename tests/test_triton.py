@@ -55,7 +55,7 @@ def test_transform_and_match_equal_reference(method, k, alpha, targets, B, N, pr
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("B,N,r,k", [(1, 17, 0, 1), (1, 197, 16, 4), (0, 17, 1, 2)])
 def test_apply_and_untransform_equal_reference(dtype, mode, B, N, r, k):
     t = _inputs(B, N, dtype, contiguous=False)
@@ -67,6 +67,20 @@ def test_apply_and_untransform_equal_reference(dtype, mode, B, N, r, k):
     y = non_contiguous(want)
     torch.testing.assert_close(kernel("untransform")(y, dst, weight),
                                reference.untransform(y, dst, weight), **x_tol(dtype))
+
+
+@pytest.mark.parametrize("k,alpha,targets,dtype", [(1, 0.0, "all", torch.float32),
+                                                   (2, 0.5, "b", torch.bfloat16)])
+def test_ward_cost_and_norm_mode_equal_reference(k, alpha, targets, dtype):
+    """The default Token Transforming step of tt_kernels.patch: Ward's cost, norm-keeping merge."""
+    t = _inputs(1, 197, dtype)
+    kw = dict(k=k, alpha=alpha, targets=targets, cost="ward", mode="norm", prefix=1)
+    args = (t["x"], t["size"], t["metric"], t["score"], 40, "transform")
+    want = reference.transform(*args, **kw)
+    got = kernel("transform")(*args, **kw)
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3], **WEIGHT_TOL)
+    torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

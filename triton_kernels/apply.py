@@ -33,10 +33,14 @@ def rows_kernel(dst_ptr, weight_ptr, start_ptr, entry_ptr, NK, N_OUT, NKP: tl.co
                NK, N_OUT, NKP, ROWS_P)
 
 
+SUM, MEAN, NORM = 0, 1, 2
+MODES = {"sum": SUM, "mean": MEAN, "norm": NORM}
+
+
 @triton.jit
-def gather_kernel(x_ptr, size_ptr, weight_ptr, start_ptr, entry_ptr, out_ptr, size_out_ptr,
-                  N, K, C, N_OUT, s_xb, s_xn, s_xc, MEAN: tl.constexpr, NKP: tl.constexpr,
-                  ROWS_P: tl.constexpr, BC: tl.constexpr):
+def gather_kernel(x_ptr, size_ptr, weight_ptr, start_ptr, entry_ptr, norms_ptr, out_ptr,
+                  size_out_ptr, N, K, C, N_OUT, s_xb, s_xn, s_xc, MODE: tl.constexpr,
+                  NKP: tl.constexpr, ROWS_P: tl.constexpr, BC: tl.constexpr):
     row = tl.program_id(0)
     cblock = tl.program_id(1)
     b = row // N_OUT
@@ -46,6 +50,7 @@ def gather_kernel(x_ptr, size_ptr, weight_ptr, start_ptr, entry_ptr, out_ptr, si
     c = cblock * BC + tl.arange(0, BC)
     acc = tl.zeros((BC,), tl.float32)
     total = 0.0
+    norm = 0.0  # mode norm: the size-weighted sum of the inputs' norms (one block spans C)
     for a in range(begin, end):
         e = tl.load(entry_ptr + b * NKP + a)
         j = e // K
@@ -53,16 +58,20 @@ def gather_kernel(x_ptr, size_ptr, weight_ptr, start_ptr, entry_ptr, out_ptr, si
         mass = w * tl.load(size_ptr + b * N + j)
         total += mass
         xj = tl.load(x_ptr + b * s_xb + j * s_xn + c * s_xc, mask=c < C, other=0.0).to(tl.float32)
-        if MEAN:
-            acc += mass * xj
-        else:
+        if MODE == SUM:
             acc += w * xj
-    if MEAN:
+        else:
+            acc += mass * xj
+        if MODE == NORM:
+            norm += mass * tl.load(norms_ptr + b * N + j)
+    if MODE != SUM:
         acc = tl.where(total > 0, acc / total, 0.0)
+    if MODE == NORM:
+        length = tl.sqrt(tl.sum(acc * acc, axis=0))
+        acc = acc * tl.where((length > 0) & (total > 0), (norm / total) / length, 0.0)
     tl.store(out_ptr + row * C + c, acc.to(out_ptr.dtype.element_ty), mask=c < C)
     if cblock == 0:
         tl.store(size_out_ptr + row, total)
-
 
 def row_buffers(B, N, K, n_out, device):
     """(start, entry) buffers for build_rows: one extra row collects the unused slots."""
@@ -72,18 +81,21 @@ def row_buffers(B, N, K, n_out, device):
             torch.empty(B, nkp, dtype=torch.int32, device=device))
 
 
-def launch_gather(x, size, weight, start, entry, n_out, mean):
+def launch_gather(x, size, weight, start, entry, n_out, mode):
     B, N, C = x.shape
     K = weight.shape[-1]
     out = x.new_empty(B, n_out, C)
     size_out = size.new_empty(B, n_out)
     if out.numel() == 0 and size_out.numel() == 0:
         return out, size_out
-    BC = min(triton.next_power_of_2(max(C, 1)), 256)
+    # mode norm needs a whole row in one program; its input norms come precomputed
+    BC = triton.next_power_of_2(max(C, 1))
+    BC = BC if mode == "norm" else min(BC, 256)
+    norms = x.float().norm(dim=-1).contiguous() if mode == "norm" else size
     gather_kernel[(B * n_out, max(triton.cdiv(C, BC), 1))](
-        x, size, weight, start, entry, out, size_out, N, K, C, n_out,
+        x, size, weight, start, entry, norms, out, size_out, N, K, C, n_out,
         x.stride(0), x.stride(1), x.stride(2),
-        MEAN=mean, NKP=entry.shape[-1], ROWS_P=start.shape[-1], BC=BC)
+        MODE=MODES[mode], NKP=entry.shape[-1], ROWS_P=start.shape[-1], BC=BC)
     return out, size_out
 
 
@@ -96,4 +108,4 @@ def apply(x, size, dst, weight, n_out, mode="mean"):
     if B > 0:
         rows_kernel[(B,)](dst, weight, start, entry, N * K, n_out, NKP=entry.shape[-1],
                           ROWS_P=start.shape[-1])
-    return launch_gather(x, size, weight, start, entry, n_out, mode == "mean")
+    return launch_gather(x, size, weight, start, entry, n_out, mode)

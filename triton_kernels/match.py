@@ -34,6 +34,22 @@ def similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM: tl.constexpr
 
 
 @triton.jit
+def affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD: tl.constexpr,
+                  BM: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr):
+    """Affinity of rows row0 .. row0 + BM with all columns: the cosine, or minus Ward's merge
+    cost size_i size_j / (size_i + size_j) (1 - cosine), as in the reference."""
+    sim = similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM, NP, DC)
+    if WARD:
+        rows = row0 + tl.arange(0, BM)
+        cols = tl.arange(0, NP)
+        s_i = tl.load(size_ptr + rows, mask=rows < N, other=1.0)
+        s_j = tl.load(size_ptr + cols, mask=cols < N, other=1.0)
+        pair = s_i[:, None] * s_j[None, :] / tl.maximum(s_i[:, None] + s_j[None, :], 1e-30)
+        sim = -(pair * (1 - sim))
+    return sim
+
+
+@triton.jit
 def rank_and_keep(key_ptr, keep_ptr, N, R, PREFIX, N_KEEP, BY_IMPORTANCE: tl.constexpr,
                   NP: tl.constexpr, BI: tl.constexpr):
     """Ranks the members by key (descending, lower index first on ties) and writes keep[NP].
@@ -65,7 +81,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
                  norm_ptr, key_ptr, best_ptr, keep_ptr, rows_ptr, start_ptr, entry_ptr,
                  N, D, R, PREFIX, N_KEEP, W_RED, W_IMP, TAU, s_b, s_n, s_d,
                  METHOD: tl.constexpr, BY_IMPORTANCE: tl.constexpr, MIX: tl.constexpr,
-                 TARGETS_B: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
+                 TARGETS_B: tl.constexpr, WARD: tl.constexpr, K: tl.constexpr, NP: tl.constexpr, BM: tl.constexpr,
                  DC: tl.constexpr, BUILD_ROWS: tl.constexpr, NKP: tl.constexpr,
                  ROWS_P: tl.constexpr):
     b = tl.program_id(0)
@@ -105,9 +121,9 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
         is_b = free & (cols % 2 == 1)
         for row0 in range(0, N, BM):
             rows = row0 + tl.arange(0, BM)
-            sim = tl.where(is_b[None, :],
-                           similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM, NP, DC),
-                           float("-inf"))
+            sim = affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD, BM,
+                                NP, DC)
+            sim = tl.where(is_b[None, :], sim, float("-inf"))
             tl.store(key_ptr + rows, tl.max(sim, axis=1), mask=rows < N)
             tl.store(best_ptr + rows, tl.argmax(sim, axis=1), mask=rows < N)
         tl.debug_barrier()
@@ -144,9 +160,9 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
             allowed = free & keep_all
             if TARGETS_B:
                 allowed = allowed & (cols % 2 == 1)
-            cand = tl.where(allowed[None, :],
-                            similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM, NP, DC),
-                            float("-inf"))
+            cand = affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD, BM,
+                                 NP, DC)
+            cand = tl.where(allowed[None, :], cand, float("-inf"))
             peak = tl.max(cand, axis=1) / TAU
             total = tl.zeros((BM,), tl.float32)
             # The k best targets by repeated argmax (lowest index on ties); softmax(cos / tau).
@@ -195,7 +211,8 @@ def pow2(n, least=16):
     return max(triton.next_power_of_2(max(n, 1)), least)
 
 
-def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, rows=None):
+def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost="cosine",
+                 rows=None):
     """Runs match_kernel on checked inputs; `rows` = (start, entry) buffers to fill as well."""
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
@@ -221,14 +238,14 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
         N, metric.shape[2], r, prefix, n_keep, float(1 - alpha), float(alpha), float(tau),
         metric.stride(0), metric.stride(1), metric.stride(2),
         METHOD=method_id, BY_IMPORTANCE=by_importance, MIX=0 < alpha < 1,
-        TARGETS_B=targets == "b", K=K, NP=NP, BM=16, DC=16, BUILD_ROWS=rows is not None,
+        TARGETS_B=targets == "b", WARD=cost == "ward", K=K, NP=NP, BM=16, DC=16, BUILD_ROWS=rows is not None,
         NKP=entry.shape[-1] if rows is not None else 1,
         ROWS_P=start.shape[-1] if rows is not None else 1)
     return dst, weight
 
 
 def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
-          targets="all", prefix=1):
+          targets="all", prefix=1, cost="cosine"):
     """tt.match on the Triton kernels."""
-    torch.ops.tt.check_match(metric, score, size, r, method, k, tau, alpha, targets, prefix)
-    return launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix)
+    torch.ops.tt.check_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)
+    return launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)

@@ -47,25 +47,26 @@ def max_r(method, n, prefix=1, by_importance=False):
 
 
 def match(metric, r, *, score=None, size=None, method="transform", k=1, tau=0.1,
-          source="redundancy", alpha=None, targets="all", prefix=1, backend=None):
+          source="redundancy", alpha=None, targets="all", prefix=1, cost="cosine", backend=None):
     """Build T for removing r tokens; returns a Transform."""
     alpha = _removal_alpha(source, alpha)
     ref = metric if metric is not None else score
     if ref is None:
         raise ValueError("tt.match: give `metric` or `score`")
     dst, weight = implementation("match", backend, ref.device)(
-        metric, score, size, r, method, k, tau, alpha, targets, prefix)
+        metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)
     return Transform(dst, weight, ref.shape[1] - r)
 
 
 def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, tau=0.1,
               source="redundancy", alpha=None, targets="all", prefix=1, mode="mean",
-              backend=None):
+              cost="cosine", backend=None):
     """One Token Transforming step: remove r of the N tokens of x [B, N, C].
 
     metric [B, N, D] gives the similarities (tome, transform); score [B, N] the importance
     (prune, evit, source="importance"/"mix"); size [B, N] how many patches each token stands for
-    (default ones). Returns (x_out [B, N - r, C], size_out [B, N - r], T); untransform(y, T)
+    (default ones). cost="ward" ranks merges by Ward's cost instead of the cosine; mode="norm"
+    keeps each merged token's norm at the size-weighted mean of its inputs'. Returns (x_out [B, N - r, C], size_out [B, N - r], T); untransform(y, T)
     brings per-token outputs back to the N input tokens.
     """
     alpha = _removal_alpha(source, alpha)
@@ -73,7 +74,7 @@ def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, t
         size = torch.ones(x.shape[:2], device=x.device)
     step = implementation("transform", backend, x.device)
     x_out, size_out, dst, weight = step(x, size, metric, score, r, method, k, tau, alpha, targets,
-                                        prefix, mode)
+                                        prefix, mode, cost)
     return x_out, size_out, Transform(dst, weight, x.shape[1] - r)
 
 

@@ -24,12 +24,11 @@ from .flops import vit_flops
 from .patch import patch
 from .visualize import save_token_maps
 
-DEFAULT = dict(method="transform", k=1, source="redundancy", targets="all")
 METHODS = {
     "tome": dict(method="tome"),
     "evit": dict(method="evit"),
-    "transform k=4": dict(method="transform", k=4, tau=0.1),
-    "transform (default)": DEFAULT,
+    "transform k=4": dict(k=4, tau=0.1),
+    "transform (default)": {},  # tt_kernels.patch's defaults
 }
 BUDGETS = (0.8, 0.7, 0.6)
 
@@ -91,16 +90,17 @@ def correlation(a, b):
 
 def evaluate_config(model, settings, budget, images, probe, decoder, reference, args):
     """One row of the table: `model` patched with `settings` at FLOPs fraction `budget`."""
-    patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings) \
-        if settings is not None else model
     n0 = model.patch_embed.num_patches + model.num_prefix_tokens
-    if settings is not None:
+    if settings is None:
+        patched, schedule = model, [0] * len(model.blocks)
+        flops = vit_flops(model, n0, schedule)
+    else:
+        patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings)
         patched.token_reduction.start(n0)
         schedule = patched.token_reduction.schedule
-    else:
-        schedule = [0] * len(model.blocks)
+        flops = patched.token_reduction.schedule_flops(model, n0)
     cls, grid = run_features(patched, images, args.batch)
-    row = {"gflops": vit_flops(model, n0, schedule) / 1e9, "schedule": schedule}
+    row = {"gflops": flops / 1e9, "schedule": schedule}
     cos = F.cosine_similarity(cls, reference["cls"], dim=-1)
     patch_cos = F.cosine_similarity(grid, reference["grid"], dim=-1).mean(1)
     row.update(cls_cosine=cos.mean().item(), cls_cosine_worst=cos.min().item(),

@@ -1,8 +1,8 @@
 """Exact FLOPs of a timm ViT under a reduction schedule, and the schedule that meets a budget.
 
 Counts 2 x the multiply-accumulates of every matrix product (patch embedding, qkv, QK^T, AV,
-projection, MLP, head) and of the reduction's own similarity (N^2 x head_dim per step); norms,
-softmax and activations are left out, as fvcore and ToMe do.
+projection, MLP, head) and of the reduction's own similarity (N^2 x the metric's width per step);
+norms, softmax and activations are left out, as fvcore and ToMe do.
 """
 from .api import max_r
 
@@ -22,9 +22,11 @@ def step_sizes(n0, schedule, prefix=1, by_importance=False, method="transform"):
     return sizes
 
 
-def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="transform"):
+def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="transform",
+              metric_dim=None):
     """FLOPs of one image through `model` (timm VisionTransformer) removing schedule[i] tokens in
-    block i (between its attention and its MLP)."""
+    block i (between its attention and its MLP), with a metric `metric_dim` wide (default: one
+    head's keys, as ToMe)."""
     prefix = model.num_prefix_tokens if prefix is None else prefix
     pe = model.patch_embed.proj
     patches = n0 - prefix
@@ -34,7 +36,7 @@ def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="tra
         macs += n * (_linear(attn.qkv) + _linear(attn.proj))
         macs += 2 * n * n * attn.num_heads * attn.head_dim
         if r:
-            macs += n * n * attn.head_dim
+            macs += n * n * (metric_dim or attn.head_dim)
         m = n - r
         macs += m * (_linear(block.mlp.fc1) + _linear(block.mlp.fc2))
     if hasattr(model.head, "in_features"):
@@ -42,13 +44,23 @@ def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="tra
     return 2 * macs
 
 
-def constant_r_for_budget(model, n0, fraction, prefix=None, by_importance=False,
-                          method="transform"):
-    """The smallest constant r whose FLOPs are at most `fraction` of the unreduced model's (the
-    largest r allowed when no r reaches it)."""
+def schedule_for_budget(model, n0, fraction, prefix=None, by_importance=False,
+                        method="transform", metric_dim=None):
+    """The schedule whose FLOPs come closest to `fraction` of the unreduced model's from below:
+    the smallest constant r in every block but the last (whose removals would save only its own
+    MLP), then one token less in the latest blocks while the budget still holds."""
     depth = len(model.blocks)
-    full = vit_flops(model, n0, [0] * depth, prefix)
-    for r in range(n0):
-        if vit_flops(model, n0, [r] * depth, prefix, by_importance, method) <= fraction * full:
-            return r
-    return n0
+    budget = fraction * vit_flops(model, n0, [0] * depth, prefix)
+
+    def flops(schedule):
+        return vit_flops(model, n0, schedule, prefix, by_importance, method, metric_dim)
+
+    reducing = [1] * (depth - 1) + [0] if depth > 1 else [1]
+    r = next((r for r in range(n0 + 1) if flops([r * b for b in reducing]) <= budget), n0)
+    schedule = [r * b for b in reducing]
+    for i in reversed(range(depth)):
+        if schedule[i] > 0:
+            trial = schedule[:i] + [schedule[i] - 1] + schedule[i + 1:]
+            if flops(trial) <= budget:
+                schedule = trial
+    return schedule

@@ -8,6 +8,7 @@ traces through the ops with static shapes, and autograd for ``apply``, ``transfo
 import torch
 
 from . import _C  # noqa: F401  (loading it registers the kernels)
+from . import reference
 
 ops = torch.ops.tt
 
@@ -18,7 +19,7 @@ def _slots(method, k):
 
 @torch.library.register_fake("tt::match")
 def _(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
-      targets="all", prefix=1):
+      targets="all", prefix=1, cost="cosine"):
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
     K = _slots(method, k)
@@ -39,7 +40,7 @@ def _(y, dst, weight):
 
 @torch.library.register_fake("tt::transform")
 def _(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
-      targets="all", prefix=1, mode="mean"):
+      targets="all", prefix=1, mode="mean", cost="cosine"):
     B, N, C = x.shape
     K = _slots(method, k)
     return (x.new_empty(B, N - r, C), size.new_empty(B, N - r),
@@ -54,8 +55,14 @@ def _(q, k, size=None, scale=None):
 
 # Gradients. With a_ij the share of input j in output row i, x' = A x, so dL/dx = A^T g.
 # A^T is a gather from the rows each input token feeds: exactly untransform, rescaled per token.
-def _apply_backward(grad_out, size, dst, weight, size_out, mean):
-    if mean:
+# Mode "norm" rescales each row by a function of x: its gradient comes from the reference.
+def _apply_backward(grad_out, x, size, dst, weight, size_out, mode):
+    if mode == "norm":
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            out, _ = reference.apply(leaf, size, dst, weight, size_out.shape[1], "norm")
+            return torch.autograd.grad(out, leaf, grad_out)[0]
+    if mode == "mean":
         # a_ij = w_ij * size_j / size'_i
         grad_out = grad_out / torch.where(size_out > 0, size_out, 1.0)[..., None]
         per_token = weight.sum(-1) * size
@@ -64,31 +71,30 @@ def _apply_backward(grad_out, size, dst, weight, size_out, mean):
     return ops.untransform(grad_out, dst, weight) * per_token[..., None].to(grad_out.dtype)
 
 
+def _save(ctx, x, size, dst, weight, size_out, mode):
+    ctx.save_for_backward(x if mode == "norm" else None, size, dst, weight, size_out)
+    ctx.mode = mode
+
+
 def _apply_setup(ctx, inputs, output):
     x, size, dst, weight, n_out, mode = inputs
-    ctx.save_for_backward(size, dst, weight, output[1])
-    ctx.mean = mode == "mean"
+    _save(ctx, x, size, dst, weight, output[1], mode)
 
 
 def _apply_grad(ctx, grad_x_out, grad_size_out):
-    size, dst, weight, size_out = ctx.saved_tensors
-    return _apply_backward(grad_x_out, size, dst, weight, size_out, ctx.mean), None, None, None, \
-        None, None
+    return (_apply_backward(grad_x_out, *ctx.saved_tensors, ctx.mode),) + (None,) * 5
 
 
 torch.library.register_autograd("tt::apply", _apply_grad, setup_context=_apply_setup)
 
 
 def _transform_setup(ctx, inputs, output):
-    size = inputs[1]
     mode = inputs[11] if len(inputs) > 11 else "mean"
-    ctx.save_for_backward(size, output[2], output[3], output[1])
-    ctx.mean = mode == "mean"
+    _save(ctx, inputs[0], inputs[1], output[2], output[3], output[1], mode)
 
 
 def _transform_grad(ctx, grad_x_out, *unused):
-    size, dst, weight, size_out = ctx.saved_tensors
-    return (_apply_backward(grad_x_out, size, dst, weight, size_out, ctx.mean),) + (None,) * 11
+    return (_apply_backward(grad_x_out, *ctx.saved_tensors, ctx.mode),) + (None,) * 12
 
 
 torch.library.register_autograd("tt::transform", _transform_grad, setup_context=_transform_setup)

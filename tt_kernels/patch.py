@@ -5,8 +5,13 @@
     model.token_reduction.k = 2                 # settings change at run time, no re-patching
 
 Each block reduces its tokens after the attention residual and before the MLP. The metric is the
-block's attention keys averaged over heads; the importance score (when the construction needs
-one) is the class token's attention. Attention stays timm's own, fused SDPA included: proportional
+block's attention keys (all heads side by side, or averaged over heads as ToMe does); the
+importance score (when the construction needs one) is the class token's attention.
+
+The default is the configuration that kept the most fidelity at equal FLOPs in
+bench/sweep_fidelity.py: Ward's merge cost on the full keys, each removed token merged whole (k=1)
+into its closest kept token, merged tokens keeping their inputs' mean norm. method="tome" is
+ToMe exactly (bipartite cosine matching on head-averaged keys, size-weighted mean). Attention stays timm's own, fused SDPA included: proportional
 attention enters as its additive float `attn_mask` (+log size per key), and while every size is 1
 no mask is passed at all, so a model with nothing to remove runs exactly as unpatched.
 """
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import api
-from .flops import constant_r_for_budget, step_sizes
+from .flops import schedule_for_budget, step_sizes
 
 
 @dataclass
@@ -32,6 +37,9 @@ class TokenReduction:
     source: str = "redundancy"
     alpha: float = None
     targets: str = "all"
+    cost: str = "ward"  # cost, mode and metric apply to method="transform"
+    mode: str = "norm"
+    metric: str = "keys"  # "keys": all heads side by side; "keys_mean": averaged over heads
     backend: str = None
     record: bool = False  # keep each step's T for restore() and visualisation
     prefix: int = 1
@@ -50,12 +58,38 @@ class TokenReduction:
     def needs_score(self):
         return self.method in ("prune", "evit") or self.source in ("importance", "mix")
 
+    def step_settings(self):
+        """tt_kernels.transform's keywords; ToMe, prune and evit keep their published recipes."""
+        if self.method != "transform":
+            return dict(method=self.method)
+        return dict(method="transform", k=self.k, tau=self.tau, source=self.source,
+                    alpha=self.alpha, targets=self.targets, cost=self.cost, mode=self.mode)
+
+    def schedule_flops(self, model, n0):
+        """FLOPs of one image under the schedule of the last forward (exact counter)."""
+        from .flops import vit_flops
+        return vit_flops(model, n0, self.schedule, self.prefix, self.by_importance, self.method,
+                         self.metric_dim(model))
+
+    def metric_dim(self, model):
+        """Width of the similarity metric, for the FLOPs counter."""
+        attn = model.blocks[0].attn
+        full = self.method == "transform" and self.metric == "keys"
+        return attn.num_heads * attn.head_dim if full else attn.head_dim
+
+    def metric_of(self, keys):
+        """keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
+        if self.metric == "keys_mean" or self.method != "transform":
+            return keys.mean(1)
+        if self.metric == "keys":
+            return keys.transpose(1, 2).flatten(2)
+        raise ValueError(f"`metric` must be 'keys' or 'keys_mean', got {self.metric!r}")
+
     def resolve_schedule(self, model, n0):
         depth = len(model.blocks)
         if self.flops is not None:
-            r = constant_r_for_budget(model, n0, self.flops, self.prefix, self.by_importance,
-                                      self.method)
-            wanted = [r] * depth
+            wanted = schedule_for_budget(model, n0, self.flops, self.prefix, self.by_importance,
+                                         self.method, self.metric_dim(model))
         elif isinstance(self.r, int):
             wanted = [self.r] * depth
         elif isinstance(self.r, dict):
@@ -93,10 +127,9 @@ def _block_forward(self, x, attn_mask=None, is_causal=False):
     if r:
         score = api.cls_attention(tr._q, tr._k, tr.size, backend=tr.backend) \
             if tr.needs_score() else None
-        x, tr.size, T = api.transform(
-            x, tr._k.mean(1), r, size=tr.size, score=score, method=tr.method,
-            k=tr.k, tau=tr.tau, source=tr.source, alpha=tr.alpha, targets=tr.targets,
-            prefix=tr.prefix, backend=tr.backend)
+        x, tr.size, T = api.transform(x, tr.metric_of(tr._k), r, size=tr.size, score=score,
+                                      prefix=tr.prefix, backend=tr.backend,
+                                      **tr.step_settings())
         if tr.record:
             tr.steps.append(T)
     tr._q = tr._k = None
@@ -121,12 +154,14 @@ def _capture(name):
 
 
 def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="redundancy",
-          alpha=None, targets="all", backend=None, record=False):
+          alpha=None, targets="all", cost="ward", mode="norm", metric="keys", backend=None,
+          record=False):
     """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
 
     r: tokens removed per block (int), per block (list), or per stage ({block index: r});
     flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet with a constant r.
-    The other arguments are those of tt_kernels.transform. With record=True each forward keeps
+    The other arguments are those of tt_kernels.transform (cost, mode and metric for method
+    "transform" only; see the module's docstring). With record=True each forward keeps
     its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
     """
     if hasattr(model, "token_reduction"):
@@ -139,7 +174,8 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
         raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
                                   "'token' or 'avg'")
     tr = TokenReduction(r=r, flops=flops, method=method, k=k, tau=tau, source=source, alpha=alpha,
-                        targets=targets, backend=backend, record=record,
+                        targets=targets, cost=cost, mode=mode, metric=metric, backend=backend,
+                        record=record,
                         prefix=model.num_prefix_tokens, _model=weakref.ref(model))
     handles = []
     for i, block in enumerate(model.blocks):

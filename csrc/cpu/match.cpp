@@ -1,6 +1,6 @@
 // CPU constructions of T (tt.match) and the fused reduction step (tt.transform). The cosine
-// similarities come from one batched GEMM, computed exactly as the reference does, so that
-// selections (and ties, which go to the lower index) agree bit for bit.
+// similarities come from one batched GEMM, and every affinity is computed exactly as the
+// reference does, so that selections (and ties, which go to the lower index) agree bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,10 +33,20 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
                    [&](int64_t a, int64_t b) { return key[a] > key[b]; });
 }
 
-// One image: fills dst/weight [N, K] from similarities `sim` [N, N] (or null) and `score` [N].
-void match_image(const Construction& c, const float* sim, const float* score, const float* size,
+// Ward's affinity in place: -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
+void ward_affinity(float* sim, const float* size, int64_t N) {
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      const float pair = size[i] * size[j] / std::max(size[i] + size[j], kScoreEps);
+      sim[i * N + j] = -(pair * (1.f - sim[i * N + j]));
+    }
+}
+
+// One image: fills dst/weight [N, K] from affinities `sim` [N, N] (or null) and `score` [N].
+void match_image(const Construction& c, float* sim, const float* score, const float* size,
                  int64_t* dst, float* weight) {
   const int64_t N = c.tokens, P = c.prefix, K = c.slots();
+  if (c.ward) ward_affinity(sim, size, N);
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
   std::vector<int64_t> order;
@@ -170,22 +180,22 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const std::optional<at::Tensor>& me
                                              const std::optional<at::Tensor>& size, int64_t r,
                                              c10::string_view method, int64_t k, double tau,
                                              double alpha, c10::string_view targets,
-                                             int64_t prefix) {
-  const Construction c =
-      check_match("tt.match", metric, score, size, r, method, k, tau, alpha, targets, prefix);
+                                             int64_t prefix, c10::string_view cost) {
+  const Construction c = check_match("tt.match", metric, score, size, r, method, k, tau, alpha,
+                                     targets, prefix, cost);
   return match_cpu_impl(c, metric, score, size.has_value() ? *size : unit_size(c, metric, score));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_cpu(
     const at::Tensor& x, const at::Tensor& size, const std::optional<at::Tensor>& metric,
     const std::optional<at::Tensor>& score, int64_t r, c10::string_view method, int64_t k,
-    double tau, double alpha, c10::string_view targets, int64_t prefix, c10::string_view mode) {
-  const char* op = "tt.transform";
-  const Construction c =
-      check_match(op, metric, score, size, r, method, k, tau, alpha, targets, prefix);
-  const bool mean = check_transform(x, size, c, mode);
+    double tau, double alpha, c10::string_view targets, int64_t prefix, c10::string_view mode,
+    c10::string_view cost) {
+  const Construction c = check_match("tt.transform", metric, score, size, r, method, k, tau,
+                                     alpha, targets, prefix, cost);
+  const Mode how = check_transform(x, size, c, mode);
   auto [dst, weight] = match_cpu_impl(c, metric, score, size);
-  auto [x_out, size_out] = apply_cpu_impl(x, size, dst, weight, c.tokens - c.r, mean);
+  auto [x_out, size_out] = apply_cpu_impl(x, size, dst, weight, c.tokens - c.r, how);
   return {x_out, size_out, dst, weight};
 }
 

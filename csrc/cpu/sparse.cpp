@@ -19,7 +19,7 @@ struct RowLists {
 };
 
 RowLists transpose_rows(const float* size, const int64_t* dst, const float* weight, int64_t B,
-                        int64_t N, int64_t K, int64_t n_out, bool mean, float* size_out) {
+                        int64_t N, int64_t K, int64_t n_out, Mode mode, float* size_out) {
   RowLists rows{std::vector<int64_t>(B * (n_out + 1), 0), std::vector<int64_t>(B * N * K),
                 std::vector<float>(B * N * K)};
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -40,7 +40,7 @@ RowLists transpose_rows(const float* size, const int64_t* dst, const float* weig
         so[d[e]] += mass;
         const int64_t slot = b * N * K + cursor[d[e]]++;
         rows.token[slot] = j;
-        rows.coef[slot] = mean ? mass : w[e];
+        rows.coef[slot] = mode == Mode::Sum ? w[e] : mass;
       }
     }
   });
@@ -49,22 +49,36 @@ RowLists transpose_rows(const float* size, const int64_t* dst, const float* weig
 
 template <typename scalar_t>
 void gather_rows(const RowLists& rows, const scalar_t* x, const float* size_out, int64_t B,
-                 int64_t N, int64_t K, int64_t C, int64_t n_out, bool mean, scalar_t* out) {
+                 int64_t N, int64_t K, int64_t C, int64_t n_out, Mode mode, scalar_t* out) {
   at::parallel_for(0, B * n_out, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(C);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / n_out, i = row % n_out;
       const int64_t* start = rows.start.data() + b * (n_out + 1);
       std::fill(acc.begin(), acc.end(), 0.f);
+      float norm = 0;  // the coefficient-weighted sum of the inputs' norms (mode norm)
       for (int64_t e = start[i]; e < start[i + 1]; ++e) {
         const float c = rows.coef[b * N * K + e];
         const scalar_t* xj = x + (b * N + rows.token[b * N * K + e]) * C;
-        for (int64_t ch = 0; ch < C; ++ch) acc[ch] += c * static_cast<float>(xj[ch]);
+        float square = 0;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const float v = static_cast<float>(xj[ch]);
+          acc[ch] += c * v;
+          square += v * v;
+        }
+        norm += c * std::sqrt(square);
       }
       // Mean rows divide by their size; a row that receives nothing stays zero.
       const float total = size_out[row];
-      if (mean)
+      if (mode != Mode::Sum)
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] = total > 0 ? acc[ch] / total : 0.f;
+      if (mode == Mode::Norm) {
+        float square = 0;
+        for (int64_t ch = 0; ch < C; ++ch) square += acc[ch] * acc[ch];
+        const float length = std::sqrt(square);
+        const float scale = length > 0 && total > 0 ? (norm / total) / length : 0.f;
+        for (int64_t ch = 0; ch < C; ++ch) acc[ch] *= scale;
+      }
       scalar_t* o = out + row * C;
       for (int64_t ch = 0; ch < C; ++ch) o[ch] = static_cast<scalar_t>(acc[ch]);
     }
@@ -101,7 +115,7 @@ void untransform_rows(const scalar_t* y, const int64_t* dst, const float* weight
 std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x_in, const at::Tensor& size_in,
                                                   const at::Tensor& dst_in,
                                                   const at::Tensor& weight_in, int64_t n_out,
-                                                  bool mean) {
+                                                  Mode mode) {
   const auto x = x_in.contiguous();
   const auto size = size_in.contiguous();
   const auto dst = dst_in.contiguous();
@@ -110,11 +124,11 @@ std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x_in, const 
   auto out = at::empty({B, n_out, C}, x.options());
   auto size_out = at::empty({B, n_out}, size.options());
   const RowLists rows = transpose_rows(size.data_ptr<float>(), dst.data_ptr<int64_t>(),
-                                       weight.data_ptr<float>(), B, N, K, n_out, mean,
+                                       weight.data_ptr<float>(), B, N, K, n_out, mode,
                                        size_out.data_ptr<float>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tt_apply_cpu", [&] {
     gather_rows<scalar_t>(rows, x.data_ptr<scalar_t>(), size_out.data_ptr<float>(), B, N, K, C,
-                          n_out, mean, out.data_ptr<scalar_t>());
+                          n_out, mode, out.data_ptr<scalar_t>());
   });
   return {out, size_out};
 }
@@ -124,8 +138,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> apply_cpu(const at::Tensor& x, const at::Tensor& size,
                                              const at::Tensor& dst, const at::Tensor& weight,
                                              int64_t n_out, c10::string_view mode) {
-  const bool mean = check_apply("tt.apply", x, size, dst, weight, n_out, mode);
-  return apply_cpu_impl(x, size, dst, weight, n_out, mean);
+  return apply_cpu_impl(x, size, dst, weight, n_out,
+                        check_apply("tt.apply", x, size, dst, weight, n_out, mode));
 }
 
 at::Tensor untransform_cpu(const at::Tensor& y_in, const at::Tensor& dst_in,

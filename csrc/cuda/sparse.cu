@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -56,27 +57,60 @@ __global__ void transpose_rows_kernel(const float* __restrict__ size,
   }
 }
 
+// Sum over the block's threads (blockDim.x a multiple of 32), returned to every thread.
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < blockDim.x / 32; ++w) total += partial[w];
+  __syncthreads();
+  return total;
+}
+
+// One output row per block. Mode::Norm keeps the mean row in shared memory (C floats) until its
+// length is known, then rescales it to the coefficient-weighted mean of the inputs' norms.
 template <typename scalar_t>
 __global__ void gather_rows_kernel(const scalar_t* __restrict__ x, const float* __restrict__ size,
                                    const float* __restrict__ weight, const int* __restrict__ start,
                                    const int* __restrict__ entry,
-                                   const float* __restrict__ size_out, int N, int K, int C,
-                                   int n_out, bool mean, scalar_t* __restrict__ out) {
+                                   const float* __restrict__ size_out,
+                                   const float* __restrict__ norms, int N, int K, int C,
+                                   int n_out, Mode mode, scalar_t* __restrict__ out) {
+  extern __shared__ float mean_row[];
   const int64_t row = blockIdx.x;
   const int64_t b = row / n_out, i = row % n_out;
   const int* st = start + b * (n_out + 1);
   const int* ent = entry + b * N * K;
   const float total = size_out[row];
+  float square = 0.f;
   for (int ch = threadIdx.x; ch < C; ch += blockDim.x) {
     float acc = 0.f;
     for (int a = st[i]; a < st[i + 1]; ++a) {
       const int e = ent[a], j = e / K;
-      const float coef = mean ? weight[b * N * K + e] * size[b * N + j] : weight[b * N * K + e];
+      const float w = weight[b * N * K + e];
+      const float coef = mode == Mode::Sum ? w : w * size[b * N + j];
       acc += coef * static_cast<float>(x[(b * N + j) * C + ch]);
     }
-    if (mean) acc = total > 0.f ? acc / total : 0.f;
-    out[row * C + ch] = static_cast<scalar_t>(acc);
+    if (mode != Mode::Sum) acc = total > 0.f ? acc / total : 0.f;
+    if (mode == Mode::Norm) {
+      mean_row[ch] = acc;
+      square += acc * acc;
+    } else {
+      out[row * C + ch] = static_cast<scalar_t>(acc);
+    }
   }
+  if (mode != Mode::Norm) return;
+  const float length = sqrtf(block_sum(square));
+  float norm = 0.f;
+  for (int a = st[i]; a < st[i + 1]; ++a) {
+    const int e = ent[a];
+    norm += weight[b * N * K + e] * size[b * N + e / K] * norms[b * N + e / K];
+  }
+  const float scale = length > 0.f && total > 0.f ? (norm / total) / length : 0.f;
+  for (int ch = threadIdx.x; ch < C; ch += blockDim.x)
+    out[row * C + ch] = static_cast<scalar_t>(mean_row[ch] * scale);
 }
 
 template <typename scalar_t>
@@ -98,13 +132,16 @@ __global__ void untransform_kernel(const scalar_t* __restrict__ y, const int64_t
   }
 }
 
-int channel_threads(int64_t C) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(C, 32), kThreads)); }
+// Threads over channels: a whole number of warps, at most kThreads.
+int channel_threads(int64_t C) {
+  return static_cast<int>(std::min<int64_t>((std::max<int64_t>(C, 1) + 31) / 32 * 32, kThreads));
+}
 
 std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::Tensor& size_in,
                                               const at::Tensor& dst_in,
                                               const at::Tensor& weight_in, int64_t n_out,
                                               c10::string_view mode) {
-  const bool mean = check_apply("tt.apply", x_in, size_in, dst_in, weight_in, n_out, mode);
+  const Mode how = check_apply("tt.apply", x_in, size_in, dst_in, weight_in, n_out, mode);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = x_in.contiguous();
   const auto size = size_in.contiguous();
@@ -112,6 +149,8 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
   const auto weight = weight_in.contiguous();
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
   TORCH_CHECK(N * K < (int64_t{1} << 31), "tt.apply: N * K must fit in int32, got ", N * K);
+  TORCH_CHECK(how != Mode::Norm || C <= 12288, "tt.apply: mode 'norm' on CUDA holds a row of `x` "
+              "in shared memory: C <= 12288, got ", C);
   auto out = at::empty({B, n_out, C}, x.options());
   auto size_out = at::zeros({B, n_out}, size.options());
   if (B == 0 || n_out == 0) return {out, size_out};
@@ -126,11 +165,14 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
       size_out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (C == 0) return {out, size_out};
+  const at::Tensor norms =
+      how == Mode::Norm ? at::linalg_vector_norm(x.to(at::kFloat), 2, {-1}) : size;
+  const size_t shared = how == Mode::Norm ? C * sizeof(float) : 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tt_apply_cuda", [&] {
-    gather_rows_kernel<scalar_t><<<B * n_out, channel_threads(C), 0, stream>>>(
+    gather_rows_kernel<scalar_t><<<B * n_out, channel_threads(C), shared, stream>>>(
         x.data_ptr<scalar_t>(), size.data_ptr<float>(), weight.data_ptr<float>(),
-        start.data_ptr<int>(), entry.data_ptr<int>(), size_out.data_ptr<float>(), N, K, C, n_out,
-        mean, out.data_ptr<scalar_t>());
+        start.data_ptr<int>(), entry.data_ptr<int>(), size_out.data_ptr<float>(),
+        norms.data_ptr<float>(), N, K, C, n_out, how, out.data_ptr<scalar_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, size_out};

@@ -18,6 +18,21 @@ def similarity(metric):
     return torch.bmm(m, m.transpose(1, 2))
 
 
+def affinity(metric, size, cost="cosine"):
+    """How much each pair of tokens wants to merge, [B, N, N] fp32 (higher merges first).
+
+    cost="cosine": their cosine similarity (ToMe). cost="ward": minus Ward's merge cost
+    size_i * size_j / (size_i + size_j) * (1 - cosine), the growth of the groups' squared error
+    on unit-norm metrics, so that tokens already standing for many patches merge last.
+    """
+    sim = similarity(metric)
+    if cost == "cosine":
+        return sim
+    s = size.float()
+    pair = s[:, :, None] * s[:, None, :] / (s[:, :, None] + s[:, None, :]).clamp_min(SCORE_EPS)
+    return -(pair * (1 - sim))
+
+
 def bipartite_sets(n, prefix, device=None):
     """ToMe's split of the unprotected tokens by index parity: A (even, may leave) and B (odd)."""
     idx = torch.arange(n, device=device)
@@ -107,18 +122,22 @@ def tome(metric, r, prefix=1):
     return _ell(keep, dst, torch.ones_like(dst, dtype=torch.float32))
 
 
-def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score=None):
-    """Token Transforming: choose r tokens to remove, spread each over its k most similar targets.
+def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score=None,
+              size=None, cost="cosine"):
+    """Token Transforming: choose r tokens to remove, spread each over its k closest targets.
 
+    Closeness is the affinity above (cosine, or minus Ward's cost, which needs `size`).
     Removal key: (1 - alpha) * redundancy + alpha * unimportance, over the A tokens, where
-    redundancy is the best-match cosine to a B token (ToMe's choice). alpha = 1 is pure importance
+    redundancy is the best affinity to a B token (ToMe's choice). alpha = 1 is pure importance
     and chooses among all unprotected tokens (the lowest scores leave, as in prune).
     Targets: the kept unprotected tokens ("all") or only the kept B tokens ("b"). Each removed token
-    sends softmax(cosine / tau) over its k most similar targets; with none it is pruned.
+    sends softmax(affinity / tau) over its k closest targets; with none it is pruned.
     """
     B, N, _ = metric.shape
     a, b = bipartite_sets(N, prefix, metric.device)
-    sim = similarity(metric)
+    if size is None:
+        size = torch.ones(B, N, device=metric.device)
+    sim = affinity(metric, size, cost)
     if alpha == 1:
         keep = _keep_by_score(score, N - r - prefix, prefix)
     else:

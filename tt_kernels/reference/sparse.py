@@ -10,6 +10,8 @@ def apply(x, size, dst, weight, n_out, mode="mean"):
     """X' = T X. Returns (x_out [B, n_out, C], size_out [B, n_out] fp32).
 
     mode="mean": each output row is the size-weighted mean of what it receives;
+    mode="norm": that mean, rescaled to the size-weighted mean of its inputs' norms (averaging
+                 shrinks vectors that point apart; this keeps the residual stream's scale);
     mode="sum":  the plain product T X (no sizes, no division).
     size_out = sum of weight * size in both modes; rows that receive nothing are zero.
     """
@@ -18,12 +20,19 @@ def apply(x, size, dst, weight, n_out, mode="mean"):
     flat_dst = dst.reshape(B, N * K)
     mass = weight * size[:, :, None]
     size_out = size.new_zeros(B, n_out).scatter_add_(1, flat_dst, mass.reshape(B, N * K))
-    coef = mass if mode == "mean" else weight
+    coef = weight if mode == "sum" else mass
     contrib = x.float()[:, :, None, :] * coef[..., None]
     out = x.new_zeros(B, n_out, C, dtype=torch.float32)
     out.scatter_add_(1, flat_dst[..., None].expand(B, N * K, C), contrib.reshape(B, N * K, C))
-    if mode == "mean":
+    if mode != "sum":
         out = torch.where(size_out[..., None] > 0, out / size_out[..., None], 0.0)
+    if mode == "norm":
+        norm_in = x.float().norm(dim=-1, keepdim=True)[:, :, None, :] * coef[..., None]
+        norm = x.new_zeros(B, n_out, 1, dtype=torch.float32).scatter_add_(
+            1, flat_dst[..., None], norm_in.reshape(B, N * K, 1))
+        norm = torch.where(size_out[..., None] > 0, norm / size_out[..., None], 0.0)
+        length = out.norm(dim=-1, keepdim=True)
+        out = torch.where(length > 0, out * (norm / length), 0.0)
     return out.to(x.dtype), size_out
 
 
