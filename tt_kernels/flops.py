@@ -1,7 +1,7 @@
 """Exact FLOPs of a timm ViT under a reduction schedule, and the schedule that meets a budget.
 
 Counts 2 x the multiply-accumulates of every matrix product (patch embedding, qkv, QK^T, AV,
-projection, MLP, head) and of the reduction's own similarity (N^2 x the metric's width per step);
+projection, MLP, head) and of the reduction's own similarity (rows x N x the metric's width);
 norms, softmax and activations are left out, as fvcore and ToMe do.
 """
 from .api import max_r
@@ -9,6 +9,16 @@ from .api import max_r
 
 def _linear(layer):
     return layer.in_features * layer.out_features
+
+
+def _similarity_rows(method, n, prefix, by_importance):
+    """Rows of the similarity a step computes: none for prune and evit (they use the score), all
+    tokens when any may leave, else ToMe's A tokens only."""
+    if method in ("prune", "evit"):
+        return 0
+    if by_importance:
+        return n
+    return len(range(prefix + prefix % 2, n, 2))
 
 
 def step_sizes(n0, schedule, prefix=1, by_importance=False, method="transform"):
@@ -36,7 +46,8 @@ def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="tra
         macs += n * (_linear(attn.qkv) + _linear(attn.proj))
         macs += 2 * n * n * attn.num_heads * attn.head_dim
         if r:
-            macs += n * n * (metric_dim or attn.head_dim)
+            macs += _similarity_rows(method, n, prefix, by_importance) * n * (
+                metric_dim or attn.head_dim)
         m = n - r
         macs += m * (_linear(block.mlp.fc1) + _linear(block.mlp.fc2))
     if hasattr(model.head, "in_features"):

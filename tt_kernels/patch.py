@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import api
-from .flops import schedule_for_budget, step_sizes
+from .flops import schedule_for_budget, step_sizes, vit_flops
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TokenReduction:
     """The settings of a patched model (mutable at run time) and the state of its last forward."""
 
     r: object = 0  # int per block, list per block, {block: r} stages; ignored when flops is set
-    flops: float = None  # fraction of the unreduced FLOPs to aim for (constant r solved for it)
+    flops: float = None  # fraction of the unreduced FLOPs to meet (schedule_for_budget)
     method: str = "transform"
     k: int = 1
     tau: float = 0.1
@@ -50,6 +50,7 @@ class TokenReduction:
     _q: torch.Tensor = None
     _k: torch.Tensor = None
     _model: object = None  # weak reference to the patched model
+    _schedules: dict = field(default_factory=dict)  # solved schedules, by token count and settings
 
     @property
     def by_importance(self):
@@ -67,7 +68,6 @@ class TokenReduction:
 
     def schedule_flops(self, model, n0):
         """FLOPs of one image under the schedule of the last forward (exact counter)."""
-        from .flops import vit_flops
         return vit_flops(model, n0, self.schedule, self.prefix, self.by_importance, self.method,
                          self.metric_dim(model))
 
@@ -105,7 +105,10 @@ class TokenReduction:
 
     def start(self, n0):
         self.size, self.steps = None, []
-        self.schedule = self.resolve_schedule(self._model(), n0)
+        key = (n0, self.flops, repr(self.r), self.method, self.source, self.metric)
+        if key not in self._schedules:
+            self._schedules[key] = self.resolve_schedule(self._model(), n0)
+        self.schedule = list(self._schedules[key])
 
 
 def _attention_bias(size, dtype):

@@ -20,11 +20,12 @@ constexpr float kNormEps = 1e-12f;
 constexpr float kScoreEps = 1e-30f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-at::Tensor cosine_similarity(const at::Tensor& metric) {
+// Cosine similarity of the tokens `rows` (undefined: all) with every token, [B, R, N].
+at::Tensor similarity_rows(const at::Tensor& metric, const at::Tensor& rows) {
   // Contiguous first: the norms of a strided view would round differently.
   auto m = metric.to(at::kFloat).contiguous();
   m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kNormEps);
-  return at::bmm(m, m.transpose(1, 2)).contiguous();
+  return at::bmm(rows.defined() ? m.index_select(1, rows) : m, m.transpose(1, 2)).contiguous();
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -34,19 +35,36 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
 }
 
 // Ward's affinity in place: -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
-void ward_affinity(float* sim, const float* size, int64_t N) {
-  for (int64_t i = 0; i < N; ++i)
+// Row i of `sim` belongs to token row_token(i).
+template <typename RowToken>
+void ward_affinity(float* sim, const float* size, int64_t rows, int64_t N, RowToken row_token) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float s_i = size[row_token(i)];
     for (int64_t j = 0; j < N; ++j) {
-      const float pair = size[i] * size[j] / std::max(size[i] + size[j], kScoreEps);
+      const float pair = s_i * size[j] / std::max(s_i + size[j], kScoreEps);
       sim[i * N + j] = -(pair * (1.f - sim[i * N + j]));
     }
+  }
 }
 
-// One image: fills dst/weight [N, K] from affinities `sim` [N, N] (or null) and `score` [N].
+// The first A token (ToMe's even, unprotected tokens: the only ones that may leave when the
+// choice is by redundancy) and how many there are.
+int64_t first_a(int64_t prefix) { return prefix + (prefix % 2); }
+int64_t a_count(int64_t n, int64_t prefix) {
+  return std::max<int64_t>(n - first_a(prefix) + 1, 0) / 2;
+}
+
+// One image: fills dst/weight [N, K] from affinities `sim` (or null) and `score` [N]. `sim` holds
+// the rows of all tokens ([N, N]) when choosing by importance, else of the A tokens only.
 void match_image(const Construction& c, float* sim, const float* score, const float* size,
                  int64_t* dst, float* weight) {
   const int64_t N = c.tokens, P = c.prefix, K = c.slots();
-  if (c.ward) ward_affinity(sim, size, N);
+  const bool all_rows = c.by_importance();
+  const auto row_token = [&](int64_t i) { return all_rows ? i : first_a(P) + 2 * i; };
+  const auto sim_row = [&](int64_t j) {
+    return sim + (all_rows ? j : (j - first_a(P)) / 2) * N;
+  };
+  if (c.ward) ward_affinity(sim, size, all_rows ? N : a_count(N, P), N, row_token);
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
   std::vector<int64_t> order;
@@ -65,9 +83,9 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
     if (c.alpha > 0)
       for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
     const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
-    const int64_t first_a = P + (P % 2), first_b = P + 1 - (P % 2);
-    for (int64_t a = first_a; a < N; a += 2) {
-      const float* row = sim + a * N;
+    const int64_t first_b = P + 1 - (P % 2);
+    for (int64_t a = first_a(P); a < N; a += 2) {
+      const float* row = sim_row(a);
       float best = kNegInf;
       for (int64_t b = first_b; b < N; b += 2)
         if (row[b] > best) best = row[b], best_b[a] = b;
@@ -113,7 +131,7 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
         // The k most similar allowed targets, by insertion into a descending list (strict > keeps
         // the lower index on ties).
         int64_t found = 0;
-        const float* row = sim + j * N;
+        const float* row = sim_row(j);
         for (int64_t t = P; t < N; ++t) {
           if (!keep[t] || (c.targets_b && t % 2 == 0)) continue;
           if (found == K && !(row[t] > cos[K - 1])) continue;
@@ -154,12 +172,16 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
   auto weight = at::empty({B, N, K}, opts);
   const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
-  const at::Tensor sim = needs_sim ? cosine_similarity(*metric) : at::Tensor();
+  const int64_t a0 = std::min(first_a(c.prefix), N);
+  const at::Tensor rows =
+      c.by_importance() ? at::Tensor() : at::arange(a0, N, 2, opts.dtype(at::kLong));
+  const at::Tensor sim = needs_sim ? similarity_rows(*metric, rows) : at::Tensor();
+  const int64_t sim_rows = needs_sim ? sim.size(1) : 0;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      match_image(c, needs_sim ? sim.data_ptr<float>() + b * N * N : nullptr,
+      match_image(c, needs_sim ? sim.data_ptr<float>() + b * sim_rows * N : nullptr,
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);

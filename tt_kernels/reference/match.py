@@ -11,26 +11,36 @@ NORM_EPS = 1e-12  # cosine of a zero vector is 0, not NaN
 SCORE_EPS = 1e-30  # an all-zero score must not divide by zero
 
 
-def similarity(metric):
-    """Cosine similarity of all token pairs, [B, N, N] fp32."""
+def similarity(metric, rows=None):
+    """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] fp32."""
     m = metric.float().contiguous()  # a strided view's norms would round differently
     m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return torch.bmm(m, m.transpose(1, 2))
+    return torch.bmm(m if rows is None else m[:, rows], m.transpose(1, 2))
 
 
-def affinity(metric, size, cost="cosine"):
-    """How much each pair of tokens wants to merge, [B, N, N] fp32 (higher merges first).
+def affinity(metric, size, cost="cosine", rows=None):
+    """How much the tokens `rows` (default: all) want to merge with each token, [B, R, N] fp32
+    (higher merges first).
 
     cost="cosine": their cosine similarity (ToMe). cost="ward": minus Ward's merge cost
     size_i * size_j / (size_i + size_j) * (1 - cosine), the growth of the groups' squared error
     on unit-norm metrics, so that tokens already standing for many patches merge last.
     """
-    sim = similarity(metric)
+    sim = similarity(metric, rows)
     if cost == "cosine":
         return sim
     s = size.float()
-    pair = s[:, :, None] * s[:, None, :] / (s[:, :, None] + s[:, None, :]).clamp_min(SCORE_EPS)
+    s_rows = s if rows is None else s[:, rows]
+    pair = s_rows[:, :, None] * s[:, None, :] / (s_rows[:, :, None] + s[:, None, :]).clamp_min(
+        SCORE_EPS)
     return -(pair * (1 - sim))
+
+
+def _all_rows(values, rows, n):
+    """[B, R, N] rows of the tokens `rows` -> [B, N, N], -inf for the rows not computed."""
+    out = values.new_full((values.shape[0], n, values.shape[2]), -torch.inf)
+    out[:, rows] = values
+    return out
 
 
 def bipartite_sets(n, prefix, device=None):
@@ -116,7 +126,8 @@ def tome(metric, r, prefix=1):
     """ToMe's bipartite soft matching: the r A tokens most similar to some B token merge into it."""
     B, N, _ = metric.shape
     a, b = bipartite_sets(N, prefix, metric.device)
-    best, match = _best_b_match(similarity(metric), b)
+    rows = a.nonzero()[:, 0]  # only the A tokens may leave: only their rows are needed
+    best, match = _best_b_match(_all_rows(similarity(metric, rows), rows, N), b)
     keep = ~_mask_of(_largest(best.masked_fill(~a, -torch.inf), r), best)
     dst = _kept_rows(keep).gather(1, match)[..., None]
     return _ell(keep, dst, torch.ones_like(dst, dtype=torch.float32))
@@ -137,10 +148,12 @@ def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score
     a, b = bipartite_sets(N, prefix, metric.device)
     if size is None:
         size = torch.ones(B, N, device=metric.device)
-    sim = affinity(metric, size, cost)
-    if alpha == 1:
+    if alpha == 1:  # any unprotected token may leave: every row is needed
+        sim = affinity(metric, size, cost)
         keep = _keep_by_score(score, N - r - prefix, prefix)
-    else:
+    else:  # only A tokens leave: only their rows are needed
+        rows = a.nonzero()[:, 0]
+        sim = _all_rows(affinity(metric, size, cost, rows), rows, N)
         key, _ = _best_b_match(sim, b)
         if alpha > 0:
             key = key * (1 - alpha) + _unimportance(score, prefix) * alpha
