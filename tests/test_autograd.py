@@ -48,7 +48,7 @@ def _assert_grads_agree(op_fn, ref_fn, x, n_out):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_apply_gradient(case, mode):
     t, r, dst, weight, _ = _setup(*case)
@@ -58,7 +58,7 @@ def test_apply_gradient(case, mode):
                         t["x"], n_out)
 
 
-@pytest.mark.parametrize("mode", ["mean", "sum"])
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_transform_gradient(case, mode):
     t, r, _, _, args = _setup(*case)

@@ -37,7 +37,7 @@ def test_nothing_to_remove_is_the_unpatched_model(flavour):
     with torch.no_grad():
         want = model(x)
         got = tt_kernels.patch(copy.deepcopy(model), r=0)(x)
-    assert (got - want).abs().max() <= 1e-5
+    assert torch.equal(got, want)  # no mask, the same ops
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -45,7 +45,13 @@ def test_nothing_to_remove_is_the_unpatched_model(flavour):
                                       dict(r=6, method="prune"), dict(r=5, method="evit"),
                                       dict(r=6, source="mix")])
 def test_reduced_forward_shapes_sizes_and_restore(flavour, settings):
-    model = tt_kernels.patch(_model(flavour), **settings, record=True)
+    model = _model(flavour)
+    scored = settings.get("method") in ("prune", "evit") or "source" in settings
+    if model.num_prefix_tokens == 0 and scored:  # no class token to take the importance from
+        with pytest.raises(ValueError, match="class token"):
+            tt_kernels.patch(model, **settings)
+        return
+    model = tt_kernels.patch(model, **settings, record=True)
     x = _images()
     with torch.no_grad():
         logits = model(x)

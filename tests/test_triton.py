@@ -89,8 +89,19 @@ def test_cls_attention_equals_reference(dtype, with_size):
     g = torch.Generator().manual_seed(1)
     q, k = (torch.randn(2, 3, 37, 24, generator=g).to(dtype).to(DEVICE) for _ in range(2))
     size = (torch.rand(2, 37, generator=g) * 3 + 1).to(DEVICE) if with_size else None
-    torch.testing.assert_close(kernel("cls_attention")(q.transpose(2, 3).transpose(2, 3), k, size),
+    torch.testing.assert_close(kernel("cls_attention")(non_contiguous(q), k, size),
                                reference.cls_attention(q, k, size), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tome", "prune", "evit"])
+def test_alpha_is_ignored_outside_transform(method):
+    """alpha only steers transform: other constructions give the same T with any alpha."""
+    t = _inputs(1, 37, torch.float32)
+    want = reference.match(t["metric"], t["score"], t["size"], 4, method)
+    for alpha in (0.5, 1.0):
+        dst, weight = kernel("match")(t["metric"], t["score"], t["size"], 4, method, alpha=alpha)
+        assert torch.equal(dst, want[0])
+        torch.testing.assert_close(weight, want[1], **WEIGHT_TOL)
 
 
 def test_bad_input_is_rejected_by_name():

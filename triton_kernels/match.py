@@ -146,7 +146,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
         size_all = tl.load(size_ptr + cols, mask=valid, other=0.0)
         fused = valid & ~keep_all
         mass = tl.sum(tl.where(fused, size_all, 0.0), axis=0)
-        norm = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), 1e-30)
+        score_mass = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), 1e-30)
 
     # Phase 3: dst and weight, BM input tokens at a time.
     for row0 in range(0, N, BM):
@@ -194,7 +194,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
             elif METHOD == EVIT:
                 s_row = tl.load(score_ptr + rows, mask=in_range, other=0.0)
                 dst = tl.where(kept, own, N - R - 1)
-                w = tl.where(kept, 1.0, s_row * mass / norm)
+                w = tl.where(kept, 1.0, s_row * mass / score_mass)
             else:
                 partner = tl.load(best_ptr + rows, mask=in_range, other=0)
                 dst = tl.where(kept, own, tl.load(rows_ptr + partner, mask=in_range, other=0))
@@ -218,6 +218,7 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
     B, N = ref.shape[:2]
     method_id = METHOD_IDS[method]
     K = k if method_id == TRANSFORM else 1
+    alpha = float(alpha) if method_id == TRANSFORM else 0.0  # as the C++ checks: transform only
     by_importance = method_id in (PRUNE, EVIT) or alpha == 1
     NP = pow2(N)
     dst = torch.empty(B, N, K, dtype=torch.long, device=ref.device)

@@ -24,7 +24,7 @@ class Transform:
         return self.dst.shape[1]
 
 
-def _removal_alpha(source, alpha):
+def removal_alpha(source, alpha):
     """Maps the removal-source name to the ops' alpha (0 redundancy, 1 importance)."""
     if source not in SOURCES:
         raise ValueError(f"`source` must be one of {tuple(SOURCES)}, got {source!r}")
@@ -49,7 +49,7 @@ def max_r(method, n, prefix=1, by_importance=False):
 def match(metric, r, *, score=None, size=None, method="transform", k=1, tau=0.1,
           source="redundancy", alpha=None, targets="all", prefix=1, cost="cosine", backend=None):
     """Build T for removing r tokens; returns a Transform."""
-    alpha = _removal_alpha(source, alpha)
+    alpha = removal_alpha(source, alpha)
     ref = metric if metric is not None else score
     if ref is None:
         raise ValueError("tt.match: give `metric` or `score`")
@@ -69,7 +69,7 @@ def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, t
     keeps each merged token's norm at the size-weighted mean of its inputs'. Returns (x_out [B, N - r, C], size_out [B, N - r], T); untransform(y, T)
     brings per-token outputs back to the N input tokens.
     """
-    alpha = _removal_alpha(source, alpha)
+    alpha = removal_alpha(source, alpha)
     if size is None:
         size = torch.ones(x.shape[:2], device=x.device)
     step = implementation("transform", backend, x.device)

@@ -48,7 +48,8 @@ def build_info():
         # What torch.ops.tt.<op> runs on CUDA tensors (the Python API's default is separate).
         "torch_ops_on_cuda": {op: "cuda" if op in CUDA_CPP_OPS else "triton" for op in OPS
                               if op in CUDA_CPP_OPS or op in supported("triton")},
-        "default_backend": {"cpu": "cpu", "cuda": default_backend("apply", torch.device("cuda"))},
+        "default_backend": {device: {op: default_backend(op, torch.device(device)) for op in OPS}
+                            for device in ("cpu", "cuda")},
     }
 
 

@@ -1,4 +1,4 @@
-"""The main job, for now: every construction of T on real ViT tokens, reference against C++.
+"""The kernel demo: every construction of T on real ViT tokens, reference against C++.
 
     python -m tt_kernels.demo [--batch 32] [--r 16] [--blocks 4] [--out out/demo]
 
@@ -181,8 +181,8 @@ def main(argv=None):
           "sparse T\n(prune, evit, tome, transform) run by the PyTorch reference and by the C++ "
           "CPU kernels,\nchecked to agree and timed. Weights are RANDOM-INIT (seed "
           f"{args.seed}; no pretrained weights can be downloaded here),\nso the tokens are real "
-          "image tokens through an untrained network; the pretrained-model main job\ncomes in a "
-          "later issue.\n")
+          "image tokens through an untrained network (the pretrained model is\nthe main job's: "
+          "python -m tt_kernels.evaluate).\n")
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False).eval()

@@ -89,8 +89,7 @@ torch.library.register_autograd("tt::apply", _apply_grad, setup_context=_apply_s
 
 
 def _transform_setup(ctx, inputs, output):
-    mode = inputs[11] if len(inputs) > 11 else "mean"
-    _save(ctx, inputs[0], inputs[1], output[2], output[3], output[1], mode)
+    _save(ctx, inputs[0], inputs[1], output[2], output[3], output[1], inputs[11])
 
 
 def _transform_grad(ctx, grad_x_out, *unused):

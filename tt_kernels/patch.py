@@ -54,10 +54,13 @@ class TokenReduction:
 
     @property
     def by_importance(self):
-        return self.method in ("prune", "evit") or self.source == "importance"
+        """Whether any unprotected token may leave (the lowest scores do)."""
+        return self.method in ("prune", "evit") or (
+            self.method == "transform" and api.removal_alpha(self.source, self.alpha) == 1)
 
     def needs_score(self):
-        return self.method in ("prune", "evit") or self.source in ("importance", "mix")
+        return self.method in ("prune", "evit") or (
+            self.method == "transform" and api.removal_alpha(self.source, self.alpha) > 0)
 
     def step_settings(self):
         """tt_kernels.transform's keywords; ToMe, prune and evit keep their published recipes."""
@@ -162,7 +165,8 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
     """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
 
     r: tokens removed per block (int), per block (list), or per stage ({block index: r});
-    flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet with a constant r.
+    flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet from below
+    (flops.schedule_for_budget).
     The other arguments are those of tt_kernels.transform (cost, mode and metric for method
     "transform" only; see the module's docstring). With record=True each forward keeps
     its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
@@ -173,6 +177,9 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
         raise TypeError("tt_kernels.patch expects a timm VisionTransformer")
     if getattr(model, "attn_pool", None) is not None:
         raise NotImplementedError("attention-pool heads (global_pool='map') are not supported")
+    if model.num_prefix_tokens == 0 and (method in ("prune", "evit") or source != "redundancy"):
+        raise ValueError("importance scores are the class token's attention: this model has no "
+                         f"class token, so method={method!r} with source={source!r} cannot be used")
     if model.global_pool not in ("token", "avg", ""):
         raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
                                   "'token' or 'avg'")

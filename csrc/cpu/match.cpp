@@ -101,10 +101,10 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
   std::fill(dst, dst + N * K, 0);
   std::fill(weight, weight + N * K, 0.f);
 
-  float fused_mass = 0, fused_norm = 0;  // evit: sum(size) and sum(score * size) of the fused
+  float fused_mass = 0, fused_score_mass = 0;  // evit: sum(size), sum(score * size) of the fused
   if (c.method == Method::Evit)
     for (int64_t j = 0; j < N; ++j)
-      if (!keep[j]) fused_mass += size[j], fused_norm += score[j] * size[j];
+      if (!keep[j]) fused_mass += size[j], fused_score_mass += score[j] * size[j];
 
   std::vector<int64_t> top(K);
   std::vector<float> cos(K);
@@ -121,7 +121,7 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
         break;
       case Method::Evit:
         d[0] = N - c.r - 1;
-        w[0] = score[j] * fused_mass / std::max(fused_norm, kScoreEps);
+        w[0] = score[j] * fused_mass / std::max(fused_score_mass, kScoreEps);
         break;
       case Method::Tome:
         d[0] = row_of[best_b[j]];

@@ -149,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
   const auto weight = weight_in.contiguous();
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
   TORCH_CHECK(N * K < (int64_t{1} << 31), "tt.apply: N * K must fit in int32, got ", N * K);
-  TORCH_CHECK(how != Mode::Norm || C <= 12288, "tt.apply: mode 'norm' on CUDA holds a row of `x` "
-              "in shared memory: C <= 12288, got ", C);
+  TORCH_CHECK(how != Mode::Norm || C <= 12000, "tt.apply: mode 'norm' on CUDA holds a row of `x` "
+              "in shared memory (48 KiB with block_sum's): C <= 12000, got ", C);
   auto out = at::empty({B, n_out, C}, x.options());
   auto size_out = at::zeros({B, n_out}, size.options());
   if (B == 0 || n_out == 0) return {out, size_out};

@@ -21,7 +21,8 @@ def apply(x, size, dst, weight, n_out, mode="mean"):
     mass = weight * size[:, :, None]
     size_out = size.new_zeros(B, n_out).scatter_add_(1, flat_dst, mass.reshape(B, N * K))
     coef = weight if mode == "sum" else mass
-    contrib = x.float()[:, :, None, :] * coef[..., None]
+    # Unused slots contribute nothing, even next to a non-finite x (0 * inf would be NaN).
+    contrib = torch.where(coef[..., None] != 0, x.float()[:, :, None, :] * coef[..., None], 0.0)
     out = x.new_zeros(B, n_out, C, dtype=torch.float32)
     out.scatter_add_(1, flat_dst[..., None].expand(B, N * K, C), contrib.reshape(B, N * K, C))
     if mode != "sum":
