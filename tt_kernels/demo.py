@@ -2,9 +2,9 @@
 
     python -m tt_kernels.demo [--batch 32] [--r 16] [--blocks 4] [--out out/demo]
 
-Takes real images (scikit-image's bundled astronaut, chelsea, coffee and rocket; several crops and
-flips of each fill the batch), resized to 224 px and normalised, through a timm ViT-S/16 with
-random-init weights (fixed seed: no pretrained weights can be downloaded here). Inside block
+Takes real images (the photos that ship in scikit-image and foolbox, tt_kernels.data), resized to
+224 px and normalised, through a timm ViT-S/16 with random-init weights (fixed seed: no
+pretrained weights can be downloaded here). Inside block
 ``--blocks`` it captures x after the attention residual, the attention keys averaged over heads
 (the metric) and the class-attention score (tt.cls_attention of that block's q and k, computed by
 calling the block's own ``attn.qkv`` on ``norm1(x)``). Then each construction removes ``--r``
@@ -23,13 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import api
+from . import api, data
 from .machine import cpu_model, machine_info
 
-IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
-# Views that fill the batch: (fraction of the short side, anchor, horizontal flip).
-VIEWS = [(1.0, "c", False), (1.0, "c", True), (0.75, "tl", False), (0.75, "br", False),
-         (0.75, "tr", True), (0.75, "bl", True), (0.5, "c", False), (0.5, "c", True)]
 CONSTRUCTIONS = [
     # label, transform() keyword arguments
     ("prune", dict(method="prune")),
@@ -43,31 +39,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def load_images(batch, resolution, mean, std):
-    """[batch, 3, res, res] normalised views of the bundled skimage photos (no network needed)."""
-    try:
-        from skimage import data
-    except ImportError as err:
-        raise SystemExit("the demo needs scikit-image for its bundled photos: "
-                         "pip install scikit-image") from err
-    photos = [torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float() / 255
-              for name in IMAGES]
-    views, names = [], []
-    for v in range(batch):
-        img = photos[v % len(photos)]
-        frac, anchor, flip = VIEWS[(v // len(photos)) % len(VIEWS)]
-        _, h, w = img.shape
-        side = int(min(h, w) * frac)
-        top = {"t": 0, "b": h - side}.get(anchor[0], (h - side) // 2)
-        left = {"l": 0, "r": w - side}.get(anchor[-1], (w - side) // 2)
-        crop = img[:, top:top + side, left:left + side]
-        crop = crop.flip(-1) if flip else crop
-        crop = F.interpolate(crop[None], size=(resolution, resolution), mode="bicubic",
-                             antialias=True, align_corners=False)[0].clamp(0, 1)
-        views.append(crop)
-        names.append(f"{IMAGES[v % len(photos)]}:{frac}{anchor}{'-flip' if flip else ''}")
-    x = torch.stack(views)
-    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    return x, names
+    """[batch, 3, res, res] normalised views of the photos that ship in packages (tt_kernels.data);
+    past their count the batch repeats them."""
+    images, names = data.photo_batch(resolution)
+    index = [i % len(images) for i in range(batch)]
+    return data.normalize(images[index], mean, std), [names[i] for i in index]
 
 
 def capture(model, images, block):
@@ -198,8 +174,7 @@ def main(argv=None):
         capture_ms = (time.perf_counter() - t0) * 1e3
         B, N, C = x.shape
         print(f"model {args.model} (timm {timm.__version__}), {len(model.blocks)} blocks, "
-              f"{attn_heads(model)} heads; images: {', '.join(IMAGES)} (skimage, bundled) -> "
-              f"{B} views at 224 px")
+              f"{attn_heads(model)} heads; {B} photo views (skimage, foolbox) at 224 px")
         print(f"captured in block {args.blocks}: x {list(x.shape)}, metric (keys averaged over "
               f"heads) {list(metric.shape)}, q/k {list(q.shape)} in {capture_ms:.0f} ms; "
               f"machine: {cpu_model()}, torch {torch.__version__}, "
