@@ -15,10 +15,9 @@ METHOD_IDS = {"prune": PRUNE, "evit": EVIT, "tome": TOME, "transform": TRANSFORM
 
 
 @triton.jit
-def similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM: tl.constexpr,
+def similarity_rows(metric_ptr, norm_ptr, rows, N, D, s_n, s_d, BM: tl.constexpr,
                     NP: tl.constexpr, DC: tl.constexpr):
-    """Cosine similarity of rows row0 .. row0 + BM with all NP columns, [BM, NP] fp32."""
-    rows = row0 + tl.arange(0, BM)
+    """Cosine similarity of the tokens `rows` [BM] with all NP columns, [BM, NP] fp32."""
     cols = tl.arange(0, NP)
     row_norm = tl.load(norm_ptr + rows, mask=rows < N, other=1.0)
     col_norm = tl.load(norm_ptr + cols, mask=cols < N, other=1.0)
@@ -34,13 +33,12 @@ def similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM: tl.constexpr
 
 
 @triton.jit
-def affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD: tl.constexpr,
+def affinity_rows(metric_ptr, norm_ptr, size_ptr, rows, N, D, s_n, s_d, WARD: tl.constexpr,
                   BM: tl.constexpr, NP: tl.constexpr, DC: tl.constexpr):
-    """Affinity of rows row0 .. row0 + BM with all columns: the cosine, or minus Ward's merge
-    cost size_i size_j / (size_i + size_j) (1 - cosine), as in the reference."""
-    sim = similarity_rows(metric_ptr, norm_ptr, row0, N, D, s_n, s_d, BM, NP, DC)
+    """Affinity of the tokens `rows` with all columns: the cosine, or minus Ward's merge cost
+    size_i size_j / (size_i + size_j) (1 - cosine), as in the reference."""
+    sim = similarity_rows(metric_ptr, norm_ptr, rows, N, D, s_n, s_d, BM, NP, DC)
     if WARD:
-        rows = row0 + tl.arange(0, BM)
         cols = tl.arange(0, NP)
         s_i = tl.load(size_ptr + rows, mask=rows < N, other=1.0)
         s_j = tl.load(size_ptr + cols, mask=cols < N, other=1.0)
@@ -117,11 +115,12 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
     if BY_IMPORTANCE:
         key = tl.load(score_ptr + cols, mask=valid, other=0.0)
     else:
-        # Redundancy: each A token's best cosine to a B token (and which one, for tome).
+        # Redundancy: each A token's best affinity to a B token (and which one, for tome). Only
+        # A tokens may leave, so only their rows are computed.
         is_b = free & (cols % 2 == 1)
-        for row0 in range(0, N, BM):
-            rows = row0 + tl.arange(0, BM)
-            sim = affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD, BM,
+        for i0 in range(0, N, 2 * BM):
+            rows = PREFIX + PREFIX % 2 + i0 + 2 * tl.arange(0, BM)
+            sim = affinity_rows(metric_ptr, norm_ptr, size_ptr, rows, N, D, s_n, s_d, WARD, BM,
                                 NP, DC)
             sim = tl.where(is_b[None, :], sim, float("-inf"))
             tl.store(key_ptr + rows, tl.max(sim, axis=1), mask=rows < N)
@@ -149,18 +148,40 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
         score_mass = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), 1e-30)
 
     # Phase 3: dst and weight, BM input tokens at a time.
-    for row0 in range(0, N, BM):
-        rows = row0 + tl.arange(0, BM)
-        in_range = rows < N
-        kept = tl.load(keep_ptr + rows, mask=in_range, other=1) != 0
-        own = tl.load(rows_ptr + rows, mask=in_range, other=0).to(tl.int64)
-        out = dst_ptr + rows * K
-        out_w = weight_ptr + rows * K
-        if METHOD == TRANSFORM:
-            allowed = free & keep_all
-            if TARGETS_B:
-                allowed = allowed & (cols % 2 == 1)
-            cand = affinity_rows(metric_ptr, norm_ptr, size_ptr, row0, N, D, s_n, s_d, WARD, BM,
+    if METHOD == TRANSFORM:
+        if BY_IMPORTANCE:
+            first = 0
+            step = 1
+        else:
+            # Only A tokens may leave: every other token keeps its own row, written here, and
+            # only A rows need affinities below.
+            first = PREFIX + PREFIX % 2
+            step = 2
+            for row0 in range(0, N, BM):
+                rows = row0 + tl.arange(0, BM)
+                in_range = rows < N
+                own = tl.load(rows_ptr + rows, mask=in_range, other=0).to(tl.int64)
+                for s in tl.static_range(K):
+                    if s == 0:
+                        tl.store(dst_ptr + rows * K, own, mask=in_range)
+                        tl.store(weight_ptr + rows * K, tl.full((BM,), 1.0, tl.float32),
+                                 mask=in_range)
+                    else:
+                        tl.store(dst_ptr + rows * K + s, tl.zeros((BM,), tl.int64), mask=in_range)
+                        tl.store(weight_ptr + rows * K + s, tl.zeros((BM,), tl.float32),
+                                 mask=in_range)
+            tl.debug_barrier()
+        allowed = free & keep_all
+        if TARGETS_B:
+            allowed = allowed & (cols % 2 == 1)
+        for i0 in range(0, N, step * BM):
+            rows = first + i0 + step * tl.arange(0, BM)
+            in_range = rows < N
+            kept = tl.load(keep_ptr + rows, mask=in_range, other=1) != 0
+            own = tl.load(rows_ptr + rows, mask=in_range, other=0).to(tl.int64)
+            out = dst_ptr + rows * K
+            out_w = weight_ptr + rows * K
+            cand = affinity_rows(metric_ptr, norm_ptr, size_ptr, rows, N, D, s_n, s_d, WARD, BM,
                                  NP, DC)
             cand = tl.where(allowed[None, :], cand, float("-inf"))
             peak = tl.max(cand, axis=1) / TAU
@@ -187,7 +208,12 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
                 w = tl.load(out_w + s, mask=in_range, other=0.0)
                 w = tl.where(kept, w, tl.where(total > 0, w / total, 0.0))
                 tl.store(out_w + s, w, mask=in_range)
-        else:
+    else:
+        for row0 in range(0, N, BM):
+            rows = row0 + tl.arange(0, BM)
+            in_range = rows < N
+            kept = tl.load(keep_ptr + rows, mask=in_range, other=1) != 0
+            own = tl.load(rows_ptr + rows, mask=in_range, other=0).to(tl.int64)
             if METHOD == PRUNE:
                 dst = tl.where(kept, own, 0)
                 w = tl.where(kept, 1.0, 0.0)
@@ -199,8 +225,8 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
                 partner = tl.load(best_ptr + rows, mask=in_range, other=0)
                 dst = tl.where(kept, own, tl.load(rows_ptr + partner, mask=in_range, other=0))
                 w = tl.full((BM,), 1.0, tl.float32)
-            tl.store(out, dst.to(tl.int64), mask=in_range)
-            tl.store(out_w, w, mask=in_range)
+            tl.store(dst_ptr + rows * K, dst.to(tl.int64), mask=in_range)
+            tl.store(weight_ptr + rows * K, w, mask=in_range)
 
     if BUILD_ROWS:
         tl.debug_barrier()
