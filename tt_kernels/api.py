@@ -66,7 +66,9 @@ def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, t
     metric [B, N, D] gives the similarities (tome, transform); score [B, N] the importance
     (prune, evit, source="importance"/"mix"); size [B, N] how many patches each token stands for
     (default ones). cost="ward" ranks merges by Ward's cost instead of the cosine; mode="norm"
-    keeps each merged token's norm at the size-weighted mean of its inputs'. Returns (x_out [B, N - r, C], size_out [B, N - r], T); untransform(y, T)
+    keeps each merged token's norm at the size-weighted mean of its inputs'. These defaults are
+    the plain operator's (cosine, mean); tt_kernels.patch defaults to the measured best (Ward's
+    cost, mode "norm", the full keys as metric). Returns (x_out [B, N - r, C], size_out [B, N - r], T); untransform(y, T)
     brings per-token outputs back to the N input tokens.
     """
     alpha = removal_alpha(source, alpha)
