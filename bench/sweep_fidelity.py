@@ -20,7 +20,7 @@ from tt_kernels import data
 from tt_kernels.evaluate import run_features
 from tt_kernels.models import dinov2_onnx
 
-BASE = dict(cost="cosine", mode="mean", metric="keys_mean")  # ToMe's ingredients
+BASE = dict(cost="cosine", mode="mean", metric="keys_mean", targets="all")  # ToMe's ingredients
 CONFIGS = {
     "tome": dict(method="tome"),
     "prune": dict(method="prune"),
@@ -37,8 +37,10 @@ CONFIGS = {
     "+ Ward cost + norm": dict(BASE, cost="ward", mode="norm"),
     "+ full keys + norm": dict(BASE, metric="keys", mode="norm"),
     "+ full keys + Ward": dict(BASE, metric="keys", cost="ward"),
-    "default: full keys + Ward + norm": dict(),
-    "default, targets=b": dict(targets="b"),
+    "full keys + Ward + norm": dict(metric="keys", targets="all"),
+    "full queries + Ward + norm": dict(targets="all"),
+    "default: full queries + Ward + norm, targets=b": dict(),
+    "default with full keys": dict(metric="keys"),
     "default, k=2 tau=0.1": dict(k=2, tau=0.1),
     "default, k=4 tau=0.1": dict(k=4, tau=0.1),
     "default, mix alpha=0.1": dict(source="mix", alpha=0.1),

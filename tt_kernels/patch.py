@@ -5,13 +5,14 @@
     model.token_reduction.k = 2                 # settings change at run time, no re-patching
 
 Each block reduces its tokens after the attention residual and before the MLP. The metric is the
-block's attention keys (all heads side by side, or averaged over heads as ToMe does); the
-importance score (when the construction needs one) is the class token's attention.
+block's attention queries or keys (all heads side by side), or its keys averaged over heads as
+ToMe does; the importance score (when the construction needs one) is the class token's attention.
 
 The default is the configuration that kept the most fidelity at equal FLOPs in
-bench/sweep_fidelity.py: Ward's merge cost on the full keys, each removed token merged whole (k=1)
-into its closest kept token, merged tokens keeping their inputs' mean norm. method="tome" is
-ToMe exactly (bipartite cosine matching on head-averaged keys, size-weighted mean). Attention stays timm's own, fused SDPA included: proportional
+bench/sweep_fidelity.py: Ward's merge cost on the full queries, each removed token merged whole
+(k=1) into its closest B token (ToMe's bipartite sets), merged tokens keeping their inputs' mean
+norm. method="tome" is ToMe exactly (bipartite cosine matching on head-averaged keys,
+size-weighted mean). Attention stays timm's own, fused SDPA included: proportional
 attention enters as its additive float `attn_mask` (+log size per key), and while every size is 1
 no mask is passed at all, so a model with nothing to remove runs exactly as unpatched.
 """
@@ -36,10 +37,10 @@ class TokenReduction:
     tau: float = 0.1
     source: str = "redundancy"
     alpha: float = None
-    targets: str = "all"
+    targets: str = "b"
     cost: str = "ward"  # cost, mode and metric apply to method="transform"
     mode: str = "norm"
-    metric: str = "keys"  # "keys": all heads side by side; "keys_mean": averaged over heads
+    metric: str = "queries"  # "queries" / "keys": all heads side by side; "keys_mean": averaged
     backend: str = None
     record: bool = False  # keep each step's T for restore() and visualisation
     prefix: int = 1
@@ -77,16 +78,17 @@ class TokenReduction:
     def metric_dim(self, model):
         """Width of the similarity metric, for the FLOPs counter."""
         attn = model.blocks[0].attn
-        full = self.method == "transform" and self.metric == "keys"
+        full = self.method == "transform" and self.metric in ("queries", "keys")
         return attn.num_heads * attn.head_dim if full else attn.head_dim
 
-    def metric_of(self, keys):
-        """keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
+    def metric_of(self, queries, keys):
+        """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
         if self.metric == "keys_mean" or self.method != "transform":
             return keys.mean(1)
-        if self.metric == "keys":
-            return keys.transpose(1, 2).flatten(2)
-        raise ValueError(f"`metric` must be 'keys' or 'keys_mean', got {self.metric!r}")
+        if self.metric in ("queries", "keys"):
+            return (queries if self.metric == "queries" else keys).transpose(1, 2).flatten(2)
+        raise ValueError(f"`metric` must be 'queries', 'keys' or 'keys_mean', got "
+                         f"{self.metric!r}")
 
     def resolve_schedule(self, model, n0):
         depth = len(model.blocks)
@@ -133,8 +135,8 @@ def _block_forward(self, x, attn_mask=None, is_causal=False):
     if r:
         score = api.cls_attention(tr._q, tr._k, tr.size, backend=tr.backend) \
             if tr.needs_score() else None
-        x, tr.size, T = api.transform(x, tr.metric_of(tr._k), r, size=tr.size, score=score,
-                                      prefix=tr.prefix, backend=tr.backend,
+        x, tr.size, T = api.transform(x, tr.metric_of(tr._q, tr._k), r, size=tr.size,
+                                      score=score, prefix=tr.prefix, backend=tr.backend,
                                       **tr.step_settings())
         if tr.record:
             tr.steps.append(T)
@@ -160,7 +162,7 @@ def _capture(name):
 
 
 def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="redundancy",
-          alpha=None, targets="all", cost="ward", mode="norm", metric="keys", backend=None,
+          alpha=None, targets="b", cost="ward", mode="norm", metric="queries", backend=None,
           record=False):
     """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
 
