@@ -7,6 +7,13 @@
 
 #include <optional>
 
+// The dtypes of x, metric, q and k (the checks reject others), for AT_DISPATCH_SWITCH: no kernel
+// is compiled for double.
+#define TT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)          \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace tt {
 
 enum class Method { Prune, Evit, Tome, Transform };

@@ -13,7 +13,7 @@ targets all/b, removal by redundancy, mix and importance) alone and fused with t
 K 1 and 4); untransform_kernel; cls_attention_kernel with and without sizes; fp32, fp16, bf16;
 token counts that are not powers of two and channel counts that are not multiples of 16; a
 non-contiguous x. The compiled torch.ops.tt kernels for the ops in
-tt_kernels.backends.CUDA_CPP_OPS (so far apply and untransform) on the same inputs. A
+tt_kernels.backends.CUDA_CPP_OPS (all five ops) on the same inputs. A
 torch.cuda.synchronize() after each case pins an asynchronous fault to its case.
 
 Without a GPU it runs the same cases on CPU tensors (Triton through TRITON_INTERPRET=1, the CPU
@@ -119,24 +119,29 @@ def run_all(runner, shapes, dtypes):
                 score = t["score"] if method in ("prune", "evit") or alpha > 0 else None
                 name = f"{tag} {method} k={k} alpha={alpha} targets={targets} r={r}"
 
-                def match_case():
-                    got = kernel("match")(t["metric"], score, t["size"], r, method, **kw)
-                    want = reference.match(t["metric"], score, t["size"], r, method, **kw)
-                    return [("dst", torch.equal(got[0], want[0])),
-                            ("weight", close(got[1], want[1], FP32_TOL))]
+                for backend, match, transform in (
+                        ("triton", kernel("match"), kernel("transform")),
+                        (COMPILED, compiled("match"), compiled("transform"))):
+                    if match is None:
+                        continue
 
-                def transform_case():
-                    got = kernel("transform")(t["x"], t["size"], t["metric"], score, r, method,
-                                              **kw)
-                    want = reference.transform(t["x"], t["size"], t["metric"], score, r, method,
-                                               **kw)
-                    return [("dst", torch.equal(got[2], want[2])),
-                            ("weight", close(got[3], want[3], FP32_TOL)),
-                            ("x", close(got[0], want[0], X_TOL[dtype])),
-                            ("size", close(got[1], want[1], FP32_TOL))]
+                    def match_case(match=match):
+                        got = match(t["metric"], score, t["size"], r, method, **kw)
+                        want = reference.match(t["metric"], score, t["size"], r, method, **kw)
+                        return [("dst", torch.equal(got[0], want[0])),
+                                ("weight", close(got[1], want[1], FP32_TOL))]
 
-                runner.case(f"triton match {name}", match_case)
-                runner.case(f"triton transform {name}", transform_case)
+                    def transform_case(transform=transform):
+                        got = transform(t["x"], t["size"], t["metric"], score, r, method, **kw)
+                        want = reference.transform(t["x"], t["size"], t["metric"], score, r,
+                                                   method, **kw)
+                        return [("dst", torch.equal(got[2], want[2])),
+                                ("weight", close(got[3], want[3], FP32_TOL)),
+                                ("x", close(got[0], want[0], X_TOL[dtype])),
+                                ("size", close(got[1], want[1], FP32_TOL))]
+
+                    runner.case(f"{backend} match {name}", match_case)
+                    runner.case(f"{backend} transform {name}", transform_case)
 
         x_nc = torch.stack([t["x"], torch.zeros_like(t["x"])], dim=-1)[..., 0]  # stride 2
         for k in (1, 4):
@@ -167,16 +172,17 @@ def run_all(runner, shapes, dtypes):
                 runner.case(f"{backend} untransform {tag} K={k}", untransform_case)
 
         for size in (t["size"], None):
-            def cls_case(size=size):
-                got = kernel("cls_attention")(t["q"], t["k"], size)
-                return [("score", close(got, reference.cls_attention(t["q"], t["k"], size),
-                                        FP32_TOL))]
-            runner.case(f"triton cls_attention {tag} size={'yes' if size is not None else 'no'}",
-                        cls_case)
-        for op in ("match", "transform", "cls_attention"):  # any compiled kernel added later
-            if compiled(op) is not None:
-                print(f"note: compiled {op} kernel present but not exercised here; add it",
-                      flush=True)
+            for backend, fn in (("triton", kernel("cls_attention")),
+                                (COMPILED, compiled("cls_attention"))):
+                if fn is None:
+                    continue
+
+                def cls_case(fn=fn, size=size):
+                    got = fn(t["q"], t["k"], size)
+                    return [("score", close(got, reference.cls_attention(t["q"], t["k"], size),
+                                            FP32_TOL))]
+                runner.case(f"{backend} cls_attention {tag} "
+                            f"size={'yes' if size is not None else 'no'}", cls_case)
 
 
 def main():

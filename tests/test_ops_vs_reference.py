@@ -1,18 +1,86 @@
-"""torch.ops.tt.* (the C++ CPU kernels) against tt_kernels.reference on the same inputs.
+"""torch.ops.tt.* against tt_kernels.reference on the same inputs, for every compiled backend.
 
 dst must agree exactly, weights to fp32 rounding, x outputs to one unit in the last place of x's
 dtype. The grid is a covering design, not a cartesian product: every construction meets every r
 kind (0, 1, max) and every dtype, and the geometries (B, N, prefix, duplicate tokens) rotate through
 the cases.
+
+Backends (the `tt` fixture), all called on the same CPU inputs:
+  cpu                 the C++ CPU kernels
+  cuda                the CUDA kernels, on a GPU (skipped without one)
+  cuda-on-host[-...]  the CUDA kernels' per-image code (csrc/cuda/*_image.cuh) run on the CPU by
+                      tests/cuda_on_host, under each shared-memory plan a GPU may choose: affinity
+                      rows per chunk, metric staged in shared memory or read in place. apply and
+                      untransform have no per-image form, so these run only match, transform and
+                      cls_attention.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from conftest import (DTYPES, SIZE_TOL, WEIGHT_TOL, construction_kwargs, make_tokens,
-                      non_contiguous, r_for, x_tol)
+from conftest import (DTYPES, SIZE_TOL, WEIGHT_TOL, construction_kwargs, cuda_kernels_on_host,
+                      make_tokens, non_contiguous, r_for, x_tol)
 from tt_kernels import reference
 
 ops = torch.ops.tt
+
+# (rows of affinities per chunk, metric staged) of each host run of the CUDA code.
+HOST_PLANS = {"cuda-on-host": (32, True), "cuda-on-host-rows3": (3, False),
+              "cuda-on-host-rows1": (1, True)}
+ALL = ["cpu", "cuda", *HOST_PLANS]
+COMPILED = ["cpu", "cuda"]  # the backends with apply and untransform
+
+
+def _on_cuda(fn):
+    def run(*args, **kwargs):
+        to = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        out = fn(*map(to, args), **{k: to(v) for k, v in kwargs.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return run
+
+
+def _host_ops(rows, stage):
+    host = cuda_kernels_on_host()
+
+    def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+                  targets="all", prefix=1, mode="mean", cost="cosine"):
+        args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
+        ops.check_transform(x, size, metric, score, *args)
+        return tuple(host.transform(x, size, metric, score, *args, rows, stage))
+
+    def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+              targets="all", prefix=1, cost="cosine"):
+        args = (r, method, k, tau, alpha, targets, prefix)
+        ops.check_match(metric, score, size, *args, cost)
+        if size is None:
+            size = torch.ones((metric if metric is not None else score).shape[:2])
+        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage)
+        return out[2], out[3]
+
+    def cls_attention(q, k, size=None, scale=None):
+        ops.check_cls_attention(q, k, size, scale)
+        return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale)
+
+    return SimpleNamespace(match=match, transform=transform, cls_attention=cls_attention)
+
+
+@pytest.fixture(params=ALL)
+def tt(request):
+    """The backend under test, with torch.ops.tt's signatures."""
+    if request.param == "cpu":
+        return ops
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return SimpleNamespace(**{op: _on_cuda(getattr(ops, op)) for op in
+                                  ("match", "apply", "untransform", "transform", "cls_attention")})
+    return _host_ops(*HOST_PLANS[request.param])
+
+
+def compiled_only(test):
+    return pytest.mark.parametrize("tt", COMPILED, indirect=True)(test)
+
 
 # (method, k, alpha, targets); the transform rows cover every pair of k x alpha, k x targets and
 # alpha x targets.
@@ -90,16 +158,16 @@ def _assert_same_T(got, want):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_match(case):
+def test_match(tt, case):
     t, args = _inputs(case)
-    got = ops.match(t["metric"], t["score"], t["size"], **args)
+    got = tt.match(t["metric"], t["score"], t["size"], **args)
     _assert_same_T(got, _ref_match(t, args))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_transform(case):
+def test_transform(tt, case):
     t, args = _inputs(case)
-    x_out, size_out, dst, weight = ops.transform(t["x"], t["size"], t["metric"], t["score"],
+    x_out, size_out, dst, weight = tt.transform(t["x"], t["size"], t["metric"], t["score"],
                                                  mode=case["mode"], **args)
     want = reference.transform(t["x"], t["size"], t["metric"], t["score"], mode=case["mode"],
                                **args)
@@ -110,25 +178,27 @@ def test_transform(case):
     torch.testing.assert_close(x_out, want[0], **x_tol(case["dtype"]))
 
 
+@compiled_only
 @pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("case", CASES)
-def test_apply(case, mode):
+def test_apply(tt, case, mode):
     t, args = _inputs(case)
     dst, weight = _ref_match(t, args)
     n_out = case["N"] - case["r"]
-    x_out, size_out = ops.apply(t["x"], t["size"], dst, weight, n_out, mode)
+    x_out, size_out = tt.apply(t["x"], t["size"], dst, weight, n_out, mode)
     want_x, want_size = reference.apply(t["x"], t["size"], dst, weight, n_out, mode)
     assert x_out.dtype == t["x"].dtype and size_out.dtype == torch.float32
     torch.testing.assert_close(size_out, want_size, **SIZE_TOL)
     torch.testing.assert_close(x_out, want_x, **x_tol(case["dtype"]))
 
 
+@compiled_only
 @pytest.mark.parametrize("case", CASES)
-def test_untransform(case):
+def test_untransform(tt, case):
     t, args = _inputs(case)
     dst, weight = _ref_match(t, args)
     y = torch.randn(case["B"], case["N"] - case["r"], 24).to(case["dtype"])
-    got = ops.untransform(y, dst, weight)
+    got = tt.untransform(y, dst, weight)
     want = reference.untransform(y, dst, weight)
     assert got.dtype == y.dtype and got.shape == (case["B"], case["N"], 24)
     torch.testing.assert_close(got, want, **x_tol(case["dtype"]))
@@ -137,12 +207,12 @@ def test_untransform(case):
 @pytest.mark.parametrize("with_size,scale", [(False, None), (True, None), (True, 0.3)])
 @pytest.mark.parametrize("dtype,B,N", [(torch.float32, 1, 17), (torch.float16, 3, 197),
                                        (torch.bfloat16, 3, 257)])
-def test_cls_attention(dtype, B, N, with_size, scale):
+def test_cls_attention(tt, dtype, B, N, with_size, scale):
     g = torch.Generator().manual_seed(N)
     q = torch.randn(B, 3, N, 32, generator=g).to(dtype)
     k = torch.randn(B, 3, N, 32, generator=g).to(dtype)
     size = torch.randint(1, 6, (B, N), generator=g).float() if with_size else None
-    got = ops.cls_attention(q, k, size, scale)
+    got = tt.cls_attention(q, k, size, scale)
     want = reference.cls_attention(q, k, size, scale)
     assert got.dtype == torch.float32 and got.shape == (B, N)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -160,19 +230,20 @@ def _empty_batch(method, k, alpha, targets):
     return t, args
 
 
+@compiled_only
 @pytest.mark.parametrize("method,k,alpha,targets", EDGE_CONSTRUCTIONS)
-def test_empty_batch(method, k, alpha, targets):
+def test_empty_batch(tt, method, k, alpha, targets):
     t, args = _empty_batch(method, k, alpha, targets)
-    x_out, size_out, dst, weight = ops.transform(t["x"], t["size"], t["metric"], t["score"],
-                                                 **args)
+    x_out, size_out, dst, weight = tt.transform(t["x"], t["size"], t["metric"], t["score"],
+                                                **args)
     assert x_out.shape == (0, 14, 24) and size_out.shape == (0, 14)
     assert dst.shape == weight.shape == (0, 17, k) and dst.dtype == torch.int64
-    m_dst, m_weight = ops.match(t["metric"], t["score"], t["size"], **args)
+    m_dst, m_weight = tt.match(t["metric"], t["score"], t["size"], **args)
     assert m_dst.shape == m_weight.shape == (0, 17, k)
-    assert ops.untransform(x_out, dst, weight).shape == (0, 17, 24)
-    assert ops.apply(t["x"], t["size"], dst, weight, 14)[0].shape == (0, 14, 24)
+    assert tt.untransform(x_out, dst, weight).shape == (0, 17, 24)
+    assert tt.apply(t["x"], t["size"], dst, weight, 14)[0].shape == (0, 14, 24)
     q = torch.randn(0, 2, 17, 8)
-    assert ops.cls_attention(q, q).shape == (0, 17)
+    assert tt.cls_attention(q, q).shape == (0, 17)
 
 
 @pytest.mark.parametrize("method,k,alpha,targets", EDGE_CONSTRUCTIONS)
@@ -189,13 +260,13 @@ def test_empty_batch_reference(method, k, alpha, targets):
 @pytest.mark.parametrize("method,k,alpha,prefix", [
     ("prune", 1, 0.0, 1), ("evit", 1, 0.0, 0), ("transform", 2, 1.0, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_output_token(method, k, alpha, prefix, dtype):
+def test_single_output_token(tt, method, k, alpha, prefix, dtype):
     N = 17
     t = make_tokens(3, N, dtype=dtype, duplicates=True)
     r = r_for("max", method, N, prefix, alpha)
     assert N - r == 1
     args = dict(r=r, method=method, prefix=prefix, **construction_kwargs(method, k, alpha))
-    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    got = tt.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     assert got[0].shape == (3, 1, 24)
     _assert_same_T(got[2:], want[2:])
@@ -209,25 +280,25 @@ def test_single_output_token(method, k, alpha, prefix, dtype):
 @pytest.mark.parametrize("method,k,alpha", [
     ("prune", 1, 0.0), ("tome", 1, 0.0), ("transform", 2, 0.0), ("transform", 2, 0.5),
 ])
-def test_prefix_covers_all_tokens(method, k, alpha):
+def test_prefix_covers_all_tokens(tt, method, k, alpha):
     """prefix = N: nothing may leave (r = 0); both sides return the identity."""
     t = make_tokens(2, 17)
     args = dict(r=0, method=method, prefix=17, **construction_kwargs(method, k, alpha))
-    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    got = tt.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     _assert_same_T(got[2:], want[2:])
     torch.testing.assert_close(got[0], want[0])
 
 
 @pytest.mark.parametrize("method,alpha", [("prune", 0.0), ("transform", 1.0)])
-def test_remove_every_token_is_rejected(method, alpha):
+def test_remove_every_token_is_rejected(tt, method, alpha):
     """prefix 0 and r = N would leave T without an output row: at least one token remains."""
     t = make_tokens(2, 17)
     args = dict(r=17, method=method, prefix=0, **construction_kwargs(method, alpha=alpha))
     with pytest.raises(ValueError, match="`r`"):
-        ops.match(t["metric"], t["score"], t["size"], **args)
+        tt.match(t["metric"], t["score"], t["size"], **args)
     args["r"] = 16
-    got = ops.transform(t["x"], t["size"], t["metric"], t["score"], **args)
+    got = tt.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     want = reference.transform(t["x"], t["size"], t["metric"], t["score"], **args)
     _assert_same_T(got[2:], want[2:])
     assert got[0].shape == want[0].shape == (2, 1, 24)
@@ -235,7 +306,7 @@ def test_remove_every_token_is_rejected(method, alpha):
 
 # --- non-contiguous inputs give the same as contiguous ones ----------------------------------
 
-def _op_calls(dtype):
+def _op_calls(dtype, tt=ops):
     """Each op with its tensor arguments (positional) and the rest (keywords)."""
     t = make_tokens(3, 197, dtype=dtype, seed=7, duplicates=True)
     dst, weight = ops.match(t["metric"], t["score"], t["size"], 40, "transform", k=4, alpha=0.5)
@@ -243,23 +314,26 @@ def _op_calls(dtype):
     q = torch.randn(3, 4, 197, 16).to(dtype)
     kk = torch.randn(3, 4, 197, 16).to(dtype)
     return {
-        "match": (ops.match, (t["metric"], t["score"], t["size"]),
+        "match": (tt.match, (t["metric"], t["score"], t["size"]),
                   dict(r=40, method="transform", k=4, alpha=0.5)),
-        "match_evit": (ops.match, (t["metric"], t["score"], t["size"]), dict(r=40, method="evit")),
-        "transform": (ops.transform, (t["x"], t["size"], t["metric"], t["score"]),
+        "match_evit": (tt.match, (t["metric"], t["score"], t["size"]), dict(r=40, method="evit")),
+        "transform": (tt.transform, (t["x"], t["size"], t["metric"], t["score"]),
                       dict(r=40, method="transform", k=2, alpha=0.5, targets="b")),
-        "apply": (ops.apply, (t["x"], t["size"], dst, weight), dict(n_out=157)),
-        "untransform": (ops.untransform, (y, dst, weight), {}),
-        "cls_attention": (ops.cls_attention, (q, kk, t["size"]), {}),
+        "apply": (getattr(tt, "apply", None), (t["x"], t["size"], dst, weight), dict(n_out=157)),
+        "untransform": (getattr(tt, "untransform", None), (y, dst, weight), {}),
+        "cls_attention": (tt.cls_attention, (q, kk, t["size"]), {}),
     }
 
 
-@pytest.mark.parametrize("op,dtype,kind", [
-    (op, dtype, kind)
+@pytest.mark.parametrize("tt,op,dtype,kind", [
+    (backend, op, dtype, kind)
+    for backend in ALL
     for op in ["match", "match_evit", "transform", "apply", "untransform", "cls_attention"]
-    for dtype, kind in [("float32", "sliced"), ("float32", "transposed"), ("bfloat16", "sliced")]])
-def test_non_contiguous_inputs(op, dtype, kind):
-    fn, tensors, kwargs = _op_calls(getattr(torch, dtype))[op]
+    if backend in COMPILED or op not in ("apply", "untransform")
+    for dtype, kind in [("float32", "sliced"), ("float32", "transposed"), ("bfloat16", "sliced")]],
+    indirect=["tt"])
+def test_non_contiguous_inputs(tt, op, dtype, kind):
+    fn, tensors, kwargs = _op_calls(getattr(torch, dtype), tt)[op]
     want = fn(*tensors, **kwargs)
     views = [non_contiguous(t, kind) for t in tensors]
     assert not any(v.is_contiguous() for v in views)

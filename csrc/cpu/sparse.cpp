@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x_in, const 
   const RowLists rows = transpose_rows(size.data_ptr<float>(), dst.data_ptr<int64_t>(),
                                        weight.data_ptr<float>(), B, N, K, n_out, mode,
                                        size_out.data_ptr<float>());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tt_apply_cpu", [&] {
+  TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cpu", [&] {
     gather_rows<scalar_t>(rows, x.data_ptr<scalar_t>(), size_out.data_ptr<float>(), B, N, K, C,
                           n_out, mode, out.data_ptr<scalar_t>());
   });
@@ -150,7 +150,7 @@ at::Tensor untransform_cpu(const at::Tensor& y_in, const at::Tensor& dst_in,
   const auto weight = weight_in.contiguous();
   const int64_t B = dst.size(0), N = dst.size(1), K = dst.size(2), C = y.size(2);
   auto out = at::empty({B, N, C}, y.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tt_untransform_cpu",
+  TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "tt_untransform_cpu",
                                   [&] {
                                     untransform_rows<scalar_t>(
                                         y.data_ptr<scalar_t>(), dst.data_ptr<int64_t>(),

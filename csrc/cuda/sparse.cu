@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
   const at::Tensor norms =
       how == Mode::Norm ? at::linalg_vector_norm(x.to(at::kFloat), 2, {-1}) : size;
   const size_t shared = how == Mode::Norm ? C * sizeof(float) : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tt_apply_cuda", [&] {
+  TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cuda", [&] {
     gather_rows_kernel<scalar_t><<<B * n_out, channel_threads(C), shared, stream>>>(
         x.data_ptr<scalar_t>(), size.data_ptr<float>(), weight.data_ptr<float>(),
         start.data_ptr<int>(), entry.data_ptr<int>(), size_out.data_ptr<float>(),
@@ -189,7 +189,7 @@ at::Tensor untransform_cuda(const at::Tensor& y_in, const at::Tensor& dst_in,
   auto out = at::empty({B, N, C}, y.options());
   if (out.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tt_untransform_cuda",
+  TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "tt_untransform_cuda",
                                   [&] {
                                     untransform_kernel<scalar_t>
                                         <<<B * N, channel_threads(C), 0, stream>>>(

@@ -1,0 +1,64 @@
+// CUDA tt.cls_attention: one block per image runs cls_attention_image.cuh; only the class query's
+// row of attention is ever formed.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../tt.h"
+#include "block.cuh"
+#include "cls_attention_image.cuh"
+
+namespace tt {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    cls_attention_kernel(int H, int N, int D, float scale, image::Heads<T> first, int64_t q_sb,
+                         int64_t k_sb) {
+  extern __shared__ float logits[];
+  const int64_t b = blockIdx.x;
+  image::Heads<T> im = first;
+  im.q += b * q_sb;
+  im.k += b * k_sb;
+  if (im.size) im.size += b * N;
+  im.out += b * N;
+  BlockExec ex;
+  image::cls_attention_image(ex, H, N, D, scale, im, logits);
+}
+
+at::Tensor cls_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                              const std::optional<at::Tensor>& size_in,
+                              std::optional<double> scale) {
+  const float s = static_cast<float>(check_cls_attention(q, k, size_in, scale));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = k.size(0), H = k.size(1), N = k.size(2), D = k.size(3);
+  auto out = at::empty({B, N}, k.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  const int64_t bytes = N * static_cast<int64_t>(sizeof(float));
+  TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "tt_cls_attention_cuda", [&] {
+    const auto kernel = cls_attention_kernel<scalar_t>;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    const image::Heads<scalar_t> first{
+        q.data_ptr<scalar_t>(), q.stride(1), q.stride(3), k.data_ptr<scalar_t>(), k.stride(1),
+        k.stride(2), k.stride(3), size.defined() ? size.data_ptr<float>() : nullptr,
+        out.data_ptr<float>()};
+    kernel<<<B, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(H, N, D, s, first,
+                                                                       q.stride(0), k.stride(0));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tt, CUDA, m) { m.impl("cls_attention", &cls_attention_cuda); }
+
+}  // namespace tt

@@ -1,0 +1,49 @@
+// The class token's attention row for one image, averaged over heads in a fixed order: one warp
+// per key for the logits, then a block softmax (executors: portable.h).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "portable.h"
+
+namespace tt {
+namespace image {
+
+// q and k of one image, with their strides over heads, tokens and channels.
+template <typename T>
+struct Heads {
+  const T* q;
+  int64_t q_sh, q_sd;
+  const T* k;
+  int64_t k_sh, k_sn, k_sd;
+  const float* size;  // null: no proportional-attention bias
+  float* out;         // [N]
+};
+
+// `logits` is N floats of shared memory.
+template <typename Exec, typename T>
+TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int D, float scale,
+                                   const Heads<T>& im, float* logits) {
+  ex.for_each(N, [&](int j) { im.out[j] = 0.f; });
+  for (int h = 0; h < H; ++h) {
+    ex.for_each_warp(N, [&](int j, int lane, int lanes) {
+      float dot = 0.f;
+      for (int d = lane; d < D; d += lanes)
+        dot += static_cast<float>(im.q[h * im.q_sh + d * im.q_sd]) *
+               static_cast<float>(im.k[h * im.k_sh + j * im.k_sn + d * im.k_sd]);
+      dot = ex.warp_sum(dot);
+      if (lane == 0) logits[j] = dot * scale + (im.size ? logf(im.size[j]) : 0.f);
+    });
+    const float peak = ex.max(N, [&](int j) { return logits[j]; }, -INFINITY);
+    const float total = ex.sum(N, [&](int j) { return expf(logits[j] - peak); });
+    ex.for_each(N, [&](int j) { im.out[j] += expf(logits[j] - peak) / total; });
+  }
+  ex.for_each(N, [&](int j) { im.out[j] /= H; });
+}
+
+}  // namespace image
+}  // namespace tt

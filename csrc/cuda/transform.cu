@@ -1,0 +1,158 @@
+// CUDA tt.match and tt.transform: one thread block per image runs transform_image.cuh, the whole
+// reduction step (affinities, removed set, dst/weight and, for tt.transform, the apply) in one
+// launch on the current stream.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "block.cuh"
+#include "transform_image.cuh"
+
+namespace tt {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kStaticShared = 1024;  // BlockExec's reduction partials, with room to spare
+
+template <typename metric_t, typename x_t>
+__global__ void __launch_bounds__(kThreads)
+    transform_kernel(image::Step s, image::Batch<metric_t, x_t> batch) {
+  extern __shared__ float4 shared[];  // float4: 16-byte alignment for the staged metric
+  BlockExec ex;
+  image::transform_image(ex, s, batch.image(s, blockIdx.x), shared);
+}
+
+// Picks the affinity rows per chunk and whether the metric is staged, largest first, within the
+// device's shared memory; returns the dynamic shared bytes.
+int64_t plan(const char* op, image::Step& s, int metric_bytes, int64_t limit) {
+  const int staged = s.needs_affinity ? image::staged_ld(s.D, metric_bytes) : 0;
+  for (const int ld : {staged, 0}) {
+    for (const int rows : {32, 8, 1}) {
+      s.rows_per_chunk = rows;
+      s.metric_ld = ld;
+      const int64_t bytes = image::layout(s).bytes(s, metric_bytes);
+      if (bytes <= limit) return bytes;
+    }
+  }
+  TORCH_CHECK(false, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives a "
+              "block (", limit, " bytes); use backend=\"triton\"");
+}
+
+int64_t shared_limit(const at::Tensor& t) {
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        t.device().index()));
+  return limit - kStaticShared;
+}
+
+template <typename metric_t, typename x_t>
+void launch(const char* op, image::Step s, const at::Tensor& metric, const at::Tensor& score,
+            const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
+            const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
+  const int64_t bytes = plan(op, s, sizeof(metric_t), shared_limit(size));
+  image::Batch<metric_t, x_t> batch{};
+  if (metric.defined()) {
+    batch.first.metric = metric.data_ptr<metric_t>();
+    batch.first.metric_sn = metric.stride(1);
+    batch.first.metric_sd = metric.stride(2);
+    batch.metric_sb = metric.stride(0);
+  }
+  batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
+  batch.first.size = size.data_ptr<float>();
+  batch.first.dst = dst.data_ptr<int64_t>();
+  batch.first.weight = weight.data_ptr<float>();
+  if (x.defined()) {
+    batch.first.x = x.data_ptr<x_t>();
+    batch.first.x_out = x_out.data_ptr<x_t>();
+    batch.first.size_out = size_out.data_ptr<float>();
+  }
+  const auto kernel = transform_kernel<metric_t, x_t>;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  kernel<<<size.size(0), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, batch);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs the kernel for x's dtype (the metric's when there is no x). A metric of another dtype is
+// widened to fp32, exactly, so that only five dtype pairs are compiled.
+void dispatch(const char* op, const image::Step& s, const std::optional<at::Tensor>& metric_in,
+              const at::Tensor& score, const at::Tensor& size, const at::Tensor& dst,
+              const at::Tensor& weight, const at::Tensor& x, const at::Tensor& x_out,
+              const at::Tensor& size_out) {
+  at::Tensor metric = metric_in.has_value() ? *metric_in : at::Tensor();
+  const auto x_type = x.defined() ? x.scalar_type()
+                                  : (metric.defined() ? metric.scalar_type() : at::kFloat);
+  if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
+  TT_DISPATCH_FLOAT_TYPES(x_type, "tt_transform_cuda", [&] {
+    if (!metric.defined() || metric.scalar_type() == x_type)
+      launch<scalar_t, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out, size_out);
+    else
+      launch<float, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out, size_out);
+  });
+}
+
+at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor> match_cuda(const std::optional<at::Tensor>& metric,
+                                              const std::optional<at::Tensor>& score,
+                                              const std::optional<at::Tensor>& size_in,
+                                              int64_t r, c10::string_view method, int64_t k,
+                                              double tau, double alpha, c10::string_view targets,
+                                              int64_t prefix, c10::string_view cost) {
+  const char* op = "tt.match";
+  const Construction c =
+      check_match(op, metric, score, size_in, r, method, k, tau, alpha, targets, prefix, cost);
+  const at::Tensor& ref = metric.has_value() ? *metric : *score;
+  const c10::cuda::CUDAGuard guard(ref.device());
+  const auto fopts = ref.options().dtype(at::kFloat);
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous()
+                                              : at::ones({c.batch, c.tokens}, fopts);
+  auto dst = at::empty({c.batch, c.tokens, c.slots()}, fopts.dtype(at::kLong));
+  auto weight = at::empty({c.batch, c.tokens, c.slots()}, fopts);
+  if (c.batch == 0 || c.tokens == 0) return {dst, weight};
+  const image::Step s = image::make_step(c, metric.has_value() ? metric->size(2) : 0, 0,
+                                         Mode::Mean);
+  dispatch(op, s, metric, contiguous_or_empty(score), size, dst, weight, {}, {}, {});
+  return {dst, weight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_cuda(
+    const at::Tensor& x_in, const at::Tensor& size_in, const std::optional<at::Tensor>& metric,
+    const std::optional<at::Tensor>& score, int64_t r, c10::string_view method, int64_t k,
+    double tau, double alpha, c10::string_view targets, int64_t prefix, c10::string_view mode,
+    c10::string_view cost) {
+  const char* op = "tt.transform";
+  const Construction c =
+      check_match(op, metric, score, size_in, r, method, k, tau, alpha, targets, prefix, cost);
+  const Mode how = check_transform(x_in, size_in, c, mode);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto size = size_in.contiguous();
+  const int64_t B = c.batch, N = c.tokens, K = c.slots(), C = x.size(2), n_out = N - c.r;
+  const auto fopts = size.options();
+  auto dst = at::empty({B, N, K}, fopts.dtype(at::kLong));
+  auto weight = at::empty({B, N, K}, fopts);
+  auto x_out = at::empty({B, n_out, C}, x.options());
+  auto size_out = at::empty({B, n_out}, fopts);
+  if (B == 0 || N == 0) return {x_out, size_out, dst, weight};
+  const image::Step s =
+      image::make_step(c, metric.has_value() ? metric->size(2) : 0, C, how);
+  dispatch(op, s, metric, contiguous_or_empty(score), size, dst, weight, x, x_out, size_out);
+  return {x_out, size_out, dst, weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tt, CUDA, m) {
+  m.impl("match", &match_cuda);
+  m.impl("transform", &transform_cuda);
+}
+
+}  // namespace tt

@@ -1,0 +1,383 @@
+// The fused reduction step for one image, written once for a whole thread block: stage the metric,
+// its norms, the removal keys (ToMe's A rows against B columns, or the score), the removed set by
+// exact rank, dst/weight (top-k over the kept targets, softmax), then optionally the apply
+// X' = T X with T laid out by output row. transform.cu runs it with one CUDA block per image;
+// tests/cuda_on_host/ runs the same source on the CPU (see portable.h).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "../tt.h"
+#include "portable.h"
+
+namespace tt {
+namespace image {
+
+constexpr float kNormEps = 1e-12f;
+constexpr float kScoreEps = 1e-30f;
+
+// What every image of a launch shares.
+struct Step {
+  int N, D, C, K, P, r, n_out, n_keep;
+  int rows_per_chunk;  // affinity rows held in shared memory at once
+  int metric_ld;       // row stride of the staged metric, 0 when it is read from global memory
+  Method method;
+  Mode mode;
+  bool by_importance, mix, targets_b, ward, needs_affinity;
+  float tau, w_red, w_imp;
+};
+
+inline Step make_step(const Construction& c, int64_t D, int64_t C, Mode mode) {
+  Step s{};
+  s.N = static_cast<int>(c.tokens);
+  s.D = static_cast<int>(D);
+  s.C = static_cast<int>(C);
+  s.K = static_cast<int>(c.slots());
+  s.P = static_cast<int>(c.prefix);
+  s.r = static_cast<int>(c.r);
+  s.n_out = s.N - s.r;
+  s.n_keep = s.N - s.r - s.P - (c.method == Method::Evit && c.r > 0 ? 1 : 0);
+  s.method = c.method;
+  s.mode = mode;
+  s.by_importance = c.by_importance();
+  s.mix = !s.by_importance && c.alpha > 0;
+  s.targets_b = c.targets_b;
+  s.ward = c.ward;
+  s.needs_affinity = !s.by_importance || c.method == Method::Transform;
+  s.tau = static_cast<float>(c.tau);
+  s.w_red = static_cast<float>(1.0 - c.alpha);
+  s.w_imp = static_cast<float>(c.alpha);
+  return s;
+}
+
+// Row stride of a staged metric: its length in 4-byte words is odd, so that threads reading
+// consecutive rows at the same column hit distinct shared-memory banks.
+inline int staged_ld(int D, int elem_bytes) {
+  if (elem_bytes == 4) return D | 1;
+  return D + ((2 - D % 4) + 4) % 4;  // 2-byte elements: ld = 2 (mod 4)
+}
+
+// Shared memory of one image, in 4-byte words from the start; the staged metric follows.
+struct Layout {
+  int inv_norm, key, best, keep, row_of, removed, x_norm, start, cursor, entry, cand_val,
+      cand_tok, sim, words;
+  TT_HOST_DEVICE int64_t bytes(const Step& s, int elem_bytes) const {
+    const int64_t aligned = (static_cast<int64_t>(words) * 4 + 15) / 16 * 16;
+    return aligned + static_cast<int64_t>(s.metric_ld) * s.N * elem_bytes;
+  }
+};
+
+TT_HOST_DEVICE Layout layout(const Step& s) {
+  Layout l{};
+  int at = 0;
+  const auto take = [&](int words) { const int here = at; at += words; return here; };
+  l.inv_norm = take(s.N);
+  l.key = take(s.N);
+  l.best = take(s.N);
+  l.keep = take(s.N);
+  l.row_of = take(s.N);
+  l.removed = take(s.N);
+  l.x_norm = take(s.N);
+  l.start = take(s.N + 1);
+  l.cursor = take(s.N);
+  l.entry = take(s.N * s.K);
+  l.cand_val = take(s.rows_per_chunk * s.K);
+  l.cand_tok = take(s.rows_per_chunk * s.K);
+  l.sim = take(s.rows_per_chunk * s.N);
+  l.words = at;
+  return l;
+}
+
+// One image's tensors. x is null for tt.match; x and x_out are contiguous [N, C] / [n_out, C].
+template <typename metric_t, typename x_t>
+struct Image {
+  const metric_t* metric;
+  int64_t metric_sn, metric_sd;
+  const float* score;  // null when not given (the construction does not read it)
+  const float* size;
+  int64_t* dst;
+  float* weight;
+  const x_t* x;
+  x_t* x_out;
+  float* size_out;
+};
+
+// The whole batch: image b's tensors sit at fixed strides from these.
+template <typename metric_t, typename x_t>
+struct Batch {
+  Image<metric_t, x_t> first;
+  int64_t metric_sb;
+  TT_DEVICE Image<metric_t, x_t> image(const Step& s, int64_t b) const {
+    Image<metric_t, x_t> im = first;
+    const int64_t n = s.N, nk = static_cast<int64_t>(s.N) * s.K;
+    im.metric = first.metric + b * metric_sb;
+    if (first.score) im.score = first.score + b * n;
+    im.size = first.size + b * n;
+    im.dst = first.dst + b * nk;
+    im.weight = first.weight + b * nk;
+    if (first.x) {
+      im.x = first.x + b * n * s.C;
+      im.x_out = first.x_out + b * static_cast<int64_t>(s.n_out) * s.C;
+      im.size_out = first.size_out + b * static_cast<int64_t>(s.n_out);
+    }
+    return im;
+  }
+};
+
+template <typename Exec, typename metric_t, typename x_t>
+TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_t>& im,
+                               void* shared) {
+  const int N = s.N, D = s.D, K = s.K, P = s.P, RB = s.rows_per_chunk;
+  const Layout l = layout(s);
+  float* words = static_cast<float*>(shared);
+  int* iwords = static_cast<int*>(shared);
+  float* inv_norm = words + l.inv_norm;
+  float* key = words + l.key;
+  int* best = iwords + l.best;
+  int* keep = iwords + l.keep;
+  int* row_of = iwords + l.row_of;
+  int* removed = iwords + l.removed;
+  float* sim = words + l.sim;
+  const float* size = im.size;
+  const float* score = im.score;
+  const float neg_inf = -INFINITY;
+
+  // The metric, staged in shared memory when it fits; the cosine of a zero row is 0, as in the
+  // reference (norms clamped at kNormEps).
+  const metric_t* m = im.metric;
+  int64_t sn = im.metric_sn, sd = im.metric_sd;
+  if (s.needs_affinity) {
+    if (s.metric_ld > 0) {
+      metric_t* staged = reinterpret_cast<metric_t*>(
+          static_cast<unsigned char*>(shared) + (static_cast<int64_t>(l.words) * 4 + 15) / 16 * 16);
+      ex.for_each(N * D, [&](int e) {
+        const int t = e / D, d = e % D;
+        staged[t * s.metric_ld + d] = m[t * sn + d * sd];
+      });
+      m = staged;
+      sn = s.metric_ld;
+      sd = 1;
+    }
+    ex.for_each(N, [&](int t) {
+      float square = 0.f;
+      for (int d = 0; d < D; ++d) {
+        const float v = static_cast<float>(m[t * sn + d * sd]);
+        square += v * v;
+      }
+      inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
+    });
+  }
+  // Cosine of tokens i and t, or minus Ward's merge cost size_i size_t / (size_i + size_t) (1 - cos).
+  const auto affinity = [&](int i, int t) {
+    float dot = 0.f;
+    const float ni = inv_norm[i], nt = inv_norm[t];
+    for (int d = 0; d < D; ++d)
+      dot += (static_cast<float>(m[i * sn + d * sd]) * ni) *
+             (static_cast<float>(m[t * sn + d * sd]) * nt);
+    if (!s.ward) return dot;
+    const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
+    return -(pair * (1.f - dot));
+  };
+
+  // Removal keys. By importance: the score. By redundancy: each A token's best affinity to a B
+  // token (ToMe's bipartite split), and which B token that is.
+  const int a0 = P + P % 2, b0 = P + 1 - P % 2;
+  const int nA = std::max(N - a0 + 1, 0) / 2, nB = std::max(N - b0 + 1, 0) / 2;
+  ex.for_each(N, [&](int j) {
+    key[j] = s.by_importance && j >= P ? score[j] : neg_inf;
+    best[j] = 0;
+  });
+  if (!s.by_importance) {
+    for (int c0 = 0; c0 < nA; c0 += RB) {
+      const int rows = std::min(RB, nA - c0);
+      ex.for_each(rows * nB, [&](int e) {
+        sim[e] = affinity(a0 + 2 * (c0 + e / nB), b0 + 2 * (e % nB));
+      });
+      ex.for_each(rows, [&](int i) {
+        const int a = a0 + 2 * (c0 + i);
+        float top = neg_inf;
+        int arg = 0;
+        for (int c = 0; c < nB; ++c)
+          if (sim[i * nB + c] > top) top = sim[i * nB + c], arg = b0 + 2 * c;
+        key[a] = top;
+        best[a] = arg;
+      });
+    }
+    if (s.mix) {
+      const float top_score = fmaxf(
+          ex.max(N, [&](int j) { return j >= P ? score[j] : neg_inf; }, neg_inf), kScoreEps);
+      ex.for_each(nA, [&](int i) {
+        const int a = a0 + 2 * i;
+        key[a] = key[a] * s.w_red + (1.f - score[a] / top_score) * s.w_imp;
+      });
+    }
+  }
+
+  // Who leaves: an exact rank among the members (descending key, lower index first on ties),
+  // the same order as the reference's stable sort.
+  const auto member = [&](int j) { return j >= P && (s.by_importance || j % 2 == 0); };
+  ex.for_each(N, [&](int i) {
+    if (!member(i)) {
+      keep[i] = 1;
+      return;
+    }
+    int rank = 0;
+    for (int j = P; j < N; ++j)
+      rank += member(j) && (key[j] > key[i] || (key[j] == key[i] && j < i));
+    keep[i] = s.by_importance ? rank < s.n_keep : rank >= s.r;
+  });
+  // Output rows of the kept tokens, and the removed tokens in order.
+  ex.for_each(N, [&](int j) {
+    int before = 0;
+    for (int t = 0; t < j; ++t) before += keep[t];
+    row_of[j] = keep[j] ? before : before - 1;
+    if (!keep[j]) removed[j - before] = j;
+  });
+  const int n_removed = N - ex.sum(N, [&](int j) { return keep[j]; });
+
+  // dst and weight: kept tokens keep their own row; removed ones follow the construction.
+  float mass = 0.f, score_mass = 0.f;  // evit: sum(size) and sum(score * size) of the fused
+  if (s.method == Method::Evit) {
+    mass = ex.sum(n_removed, [&](int i) { return size[removed[i]]; });
+    score_mass = ex.sum(n_removed, [&](int i) { return score[removed[i]] * size[removed[i]]; });
+  }
+  ex.for_each(N, [&](int j) {
+    int64_t* d = im.dst + static_cast<int64_t>(j) * K;
+    float* w = im.weight + static_cast<int64_t>(j) * K;
+    for (int slot = 0; slot < K; ++slot) d[slot] = 0, w[slot] = 0.f;
+    if (keep[j]) {
+      d[0] = row_of[j];
+      w[0] = 1.f;
+    } else if (s.method == Method::Evit) {
+      d[0] = N - s.r - 1;
+      w[0] = score[j] * mass / fmaxf(score_mass, kScoreEps);
+    } else if (s.method == Method::Tome) {
+      d[0] = row_of[best[j]];
+      w[0] = 1.f;
+    }
+  });
+  if (s.method == Method::Transform) {
+    const auto allowed = [&](int t) {
+      return t >= P && keep[t] && (!s.targets_b || t % 2 == 1);
+    };
+    float* cand_val = words + l.cand_val;
+    int* cand_tok = iwords + l.cand_tok;
+    for (int c0 = 0; c0 < n_removed; c0 += RB) {
+      const int rows = std::min(RB, n_removed - c0);
+      ex.for_each(rows * N, [&](int e) {
+        const int t = e % N;
+        if (allowed(t)) sim[e] = affinity(removed[c0 + e / N], t);
+      });
+      ex.for_each(rows, [&](int i) {
+        // The k most similar allowed targets, by insertion into a descending list (strict >
+        // keeps the lower index on ties), then softmax(affinity / tau) over those found.
+        const float* row = sim + i * N;
+        float* val = cand_val + i * K;
+        int* tok = cand_tok + i * K;
+        int found = 0;
+        for (int t = P; t < N; ++t) {
+          if (!allowed(t) || (found == K && !(row[t] > val[K - 1]))) continue;
+          int pos = std::min(found, K - 1);
+          for (; pos > 0 && row[t] > val[pos - 1]; --pos) {
+            val[pos] = val[pos - 1];
+            tok[pos] = tok[pos - 1];
+          }
+          val[pos] = row[t];
+          tok[pos] = t;
+          found = std::min(found + 1, K);
+        }
+        if (found == 0) return;  // nowhere to go: pruned
+        float peak = neg_inf, total = 0.f;
+        for (int slot = 0; slot < found; ++slot) peak = fmaxf(peak, val[slot] / s.tau);
+        for (int slot = 0; slot < found; ++slot)
+          total += (val[slot] = expf(val[slot] / s.tau - peak));
+        const int64_t j = removed[c0 + i];
+        for (int slot = 0; slot < found; ++slot) {
+          im.weight[j * K + slot] = val[slot] / total;
+          im.dst[j * K + slot] = row_of[tok[slot]];
+        }
+      });
+    }
+  }
+  if (im.x == nullptr) return;
+
+  // The apply, in gather form: T by output row (entries j * K + slot, ascending), then one warp
+  // per output row over the channels, accumulating in fp32.
+  const int n_out = s.n_out, C = s.C, NK = N * K;
+  int* start = iwords + l.start;
+  int* cursor = iwords + l.cursor;
+  int* entry = iwords + l.entry;
+  float* x_norm = words + l.x_norm;
+  const int64_t* dst = im.dst;
+  const float* weight = im.weight;
+  ex.for_each(n_out + 1, [&](int i) { start[i] = 0; });
+  ex.for_each(NK, [&](int e) {
+    if (weight[e] != 0.f) ex.atomic_add(start + dst[e] + 1, 1);
+  });
+  ex.single([&] {
+    for (int i = 0; i < n_out; ++i) start[i + 1] += start[i];
+  });
+  ex.for_each(n_out, [&](int i) { cursor[i] = start[i]; });
+  ex.for_each(NK, [&](int e) {
+    if (weight[e] != 0.f) entry[ex.atomic_add(cursor + dst[e], 1)] = e;
+  });
+  ex.for_each(n_out, [&](int i) {
+    for (int a = start[i] + 1; a < start[i + 1]; ++a) {
+      const int v = entry[a];
+      int p = a;
+      for (; p > start[i] && entry[p - 1] > v; --p) entry[p] = entry[p - 1];
+      entry[p] = v;
+    }
+    float total = 0.f;
+    for (int a = start[i]; a < start[i + 1]; ++a) total += weight[entry[a]] * size[entry[a] / K];
+    im.size_out[i] = total;
+  });
+  const x_t* x = im.x;
+  if (s.mode == Mode::Norm) {
+    ex.for_each_warp(N, [&](int j, int lane, int lanes) {
+      float square = 0.f;
+      for (int ch = lane; ch < C; ch += lanes) {
+        const float v = static_cast<float>(x[static_cast<int64_t>(j) * C + ch]);
+        square += v * v;
+      }
+      square = ex.warp_sum(square);
+      if (lane == 0) x_norm[j] = sqrtf(square);
+    });
+  }
+  ex.for_each_warp(n_out, [&](int i, int lane, int lanes) {
+    const float total = im.size_out[i];
+    const auto coef = [&](int e) {
+      return s.mode == Mode::Sum ? weight[e] : weight[e] * size[e / K];
+    };
+    const auto mean_channel = [&](int ch) {
+      float acc = 0.f;
+      for (int a = start[i]; a < start[i + 1]; ++a)
+        acc += coef(entry[a]) * static_cast<float>(x[static_cast<int64_t>(entry[a] / K) * C + ch]);
+      if (s.mode != Mode::Sum) acc = total > 0.f ? acc / total : 0.f;
+      return acc;
+    };
+    x_t* out = im.x_out + static_cast<int64_t>(i) * C;
+    float scale = 1.f;
+    if (s.mode == Mode::Norm) {
+      // Rescale the mean row to the coefficient-weighted mean of its inputs' norms.
+      float square = 0.f;
+      for (int ch = lane; ch < C; ch += lanes) {
+        const float v = mean_channel(ch);
+        square += v * v;
+      }
+      const float length = sqrtf(ex.warp_sum(square));
+      float norm = 0.f;
+      for (int a = start[i]; a < start[i + 1]; ++a) norm += coef(entry[a]) * x_norm[entry[a] / K];
+      scale = length > 0.f && total > 0.f ? (norm / total) / length : 0.f;
+    }
+    for (int ch = lane; ch < C; ch += lanes) out[ch] = static_cast<x_t>(mean_channel(ch) * scale);
+  });
+}
+
+}  // namespace image
+}  // namespace tt

@@ -1,0 +1,43 @@
+// tt_host.cls_attention: csrc/cuda/cls_attention_image.cuh, the CUDA kernel's per-image code, run
+// on CPU tensors by SerialExec. Arguments are validated beforehand by check_cls_attention.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/cls_attention_image.cuh"
+#include "tt.h"
+#include "serial_exec.h"
+
+namespace tt {
+namespace {
+
+at::Tensor cls_attention_on_host(const at::Tensor& q, const at::Tensor& k,
+                                 const std::optional<at::Tensor>& size_in, double scale) {
+  const int64_t B = k.size(0), H = k.size(1), N = k.size(2), D = k.size(3);
+  auto out = at::full({B, N}, NAN, k.options().dtype(at::kFloat));
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "cls_attention_on_host", [&] {
+    SerialExec ex;
+    std::vector<float> logits(N);
+    for (int64_t b = 0; b < B; ++b) {
+      std::fill(logits.begin(), logits.end(), NAN);
+      const image::Heads<scalar_t> im{
+          q.data_ptr<scalar_t>() + b * q.stride(0), q.stride(1), q.stride(3),
+          k.data_ptr<scalar_t>() + b * k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+          size.defined() ? size.data_ptr<float>() + b * N : nullptr, out.data_ptr<float>() + b * N};
+      image::cls_attention_image(ex, H, N, D, static_cast<float>(scale), im, logits.data());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tt_host, m) {
+  m.def("cls_attention(Tensor q, Tensor k, Tensor? size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("cls_attention", &cls_attention_on_host); }
+
+}  // namespace tt

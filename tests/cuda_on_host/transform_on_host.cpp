@@ -1,0 +1,109 @@
+// tt_host.transform: csrc/cuda/transform_image.cuh, the CUDA kernel's per-image code, run on CPU
+// tensors by SerialExec, with the shared-memory plan (rows per chunk, staging) chosen by the test.
+// Arguments are validated beforehand by torch.ops.tt.check_transform / check_match.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/transform_image.cuh"
+#include "serial_exec.h"
+
+namespace tt {
+namespace {
+
+Method parse_method(c10::string_view m) {
+  return m == "prune" ? Method::Prune
+         : m == "evit" ? Method::Evit
+         : m == "tome" ? Method::Tome
+                       : Method::Transform;
+}
+
+Mode parse_mode(c10::string_view m) {
+  return m == "sum" ? Mode::Sum : m == "norm" ? Mode::Norm : Mode::Mean;
+}
+
+template <typename metric_t, typename x_t>
+void run(image::Step s, bool stage, const at::Tensor& metric, const at::Tensor& score,
+         const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
+         const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
+  s.metric_ld = stage && s.needs_affinity ? image::staged_ld(s.D, sizeof(metric_t)) : 0;
+  image::Batch<metric_t, x_t> batch{};
+  if (metric.defined()) {
+    batch.first.metric = metric.data_ptr<metric_t>();
+    batch.first.metric_sn = metric.stride(1);
+    batch.first.metric_sd = metric.stride(2);
+    batch.metric_sb = metric.stride(0);
+  }
+  batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
+  batch.first.size = size.data_ptr<float>();
+  batch.first.dst = dst.data_ptr<int64_t>();
+  batch.first.weight = weight.data_ptr<float>();
+  if (x.defined()) {
+    batch.first.x = x.data_ptr<x_t>();
+    batch.first.x_out = x_out.data_ptr<x_t>();
+    batch.first.size_out = size_out.data_ptr<float>();
+  }
+  std::vector<float> shared((image::layout(s).bytes(s, sizeof(metric_t)) + 3) / 4);
+  SerialExec ex;
+  for (int64_t b = 0; b < size.size(0); ++b) {
+    // Poisoned for each image: a read of what this image did not write shows in the results.
+    std::fill(shared.begin(), shared.end(), NAN);
+    image::transform_image(ex, s, batch.image(s, b), shared.data());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
+    const std::optional<at::Tensor>& x_in, const at::Tensor& size_in,
+    const std::optional<at::Tensor>& metric_in, const std::optional<at::Tensor>& score_in,
+    int64_t r, c10::string_view method, int64_t k, double tau, double alpha,
+    c10::string_view targets, int64_t prefix, c10::string_view mode, c10::string_view cost,
+    int64_t rows_per_chunk, bool stage) {
+  const at::Tensor& ref = metric_in.has_value() ? *metric_in : *score_in;
+  Construction c{};
+  c.method = parse_method(method);
+  c.batch = ref.size(0);
+  c.tokens = ref.size(1);
+  c.r = r;
+  c.k = k;
+  c.prefix = prefix;
+  c.tau = tau;
+  c.alpha = c.method == Method::Transform ? alpha : 0.0;
+  c.targets_b = targets == "b";
+  c.ward = cost == "ward";
+  const at::Tensor x = x_in.has_value() ? x_in->contiguous() : at::Tensor();
+  const at::Tensor size = size_in.contiguous();
+  const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
+  at::Tensor metric = metric_in.has_value() ? *metric_in : at::Tensor();
+  const int64_t B = c.batch, N = c.tokens, K = c.slots(), n_out = N - r;
+  const int64_t C = x.defined() ? x.size(2) : 0;
+  image::Step s = image::make_step(c, metric.defined() ? metric.size(2) : 0, C, parse_mode(mode));
+  s.rows_per_chunk = static_cast<int>(rows_per_chunk);
+  auto dst = at::full({B, N, K}, -7, size.options().dtype(at::kLong));
+  auto weight = at::full({B, N, K}, NAN, size.options());
+  auto x_out = x.defined() ? at::full({B, n_out, C}, NAN, x.options()) : at::empty({0});
+  auto size_out = at::full({B, n_out}, NAN, size.options());
+  const auto x_type = x.defined() ? x.scalar_type()
+                                  : (metric.defined() ? metric.scalar_type() : at::kFloat);
+  if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
+  TT_DISPATCH_FLOAT_TYPES(x_type, "transform_on_host", [&] {
+    if (!metric.defined() || metric.scalar_type() == x_type)
+      run<scalar_t, scalar_t>(s, stage, metric, score, size, dst, weight, x, x_out, size_out);
+    else
+      run<float, scalar_t>(s, stage, metric, score, size, dst, weight, x, x_out, size_out);
+  });
+  return {x_out, size_out, dst, weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tt_host, m) {
+  m.def(
+      "transform(Tensor? x, Tensor size, Tensor? metric, Tensor? score, int r, str method, int k, "
+      "float tau, float alpha, str targets, int prefix, str mode, str cost, int rows_per_chunk, "
+      "bool stage) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("transform", &transform_on_host); }
+
+}  // namespace tt
