@@ -33,16 +33,28 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
               " but the other inputs are on ", ref.device());
 }
 
+// A check of tensor values. On the CPU it raises at once. On a GPU it must not synchronise (a sync
+// per reduction step stalls the pipeline and breaks CUDA graph capture), so the condition is
+// asserted on the device, asynchronously, with the same message.
+void check_values(const at::Tensor& ok, const std::string& message) {
+  if (ok.device().is_cpu()) {
+    TORCH_CHECK_VALUE(ok.item<bool>(), message);
+  } else {
+    at::_assert_async(ok, message);
+  }
+}
+
 void check_finite(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.numel() == 0 || at::isfinite(t).all().item<bool>(), op, ": `", name,
-                    "` contains NaN or infinite values");
+  if (t.numel() == 0) return;
+  check_values(at::isfinite(t).all(),
+               c10::str(op, ": `", name, "` contains NaN or infinite values"));
 }
 
 // Sizes count original patches: finite and non-negative.
 void check_size_values(const char* op, const at::Tensor& size) {
+  if (size.numel() == 0) return;
   check_finite(op, "size", size);
-  TORCH_CHECK_VALUE(size.numel() == 0 || size.min().item<float>() >= 0, op,
-                    ": `size` must be non-negative");
+  check_values((size >= 0).all(), c10::str(op, ": `size` must be non-negative"));
 }
 
 Method parse_method(const char* op, c10::string_view method) {
@@ -65,12 +77,16 @@ void check_sparse(const char* op, const at::Tensor& dst, const at::Tensor& weigh
   check_device(op, "dst", dst, ref);
   check_device(op, "weight", weight, ref);
   check_finite(op, "weight", weight);
-  if (dst.numel() > 0) {
-    auto [lo, hi] = at::aminmax(dst);
-    TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n_out, op,
-                      ": `dst` entries must lie in [0, ", n_out, "), got [", lo.item<int64_t>(),
-                      ", ", hi.item<int64_t>(), "]");
+  if (dst.numel() == 0) return;
+  if (!dst.device().is_cpu()) {
+    check_values(at::logical_and(dst >= 0, dst < n_out).all(),
+                 c10::str(op, ": `dst` entries must lie in [0, ", n_out, ")"));
+    return;
   }
+  auto [lo, hi] = at::aminmax(dst);
+  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n_out, op,
+                    ": `dst` entries must lie in [0, ", n_out, "), got [", lo.item<int64_t>(),
+                    ", ", hi.item<int64_t>(), "]");
 }
 
 }  // namespace
