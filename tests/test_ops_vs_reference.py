@@ -9,10 +9,9 @@ Backends (the `tt` fixture), all called on the same CPU inputs:
   cpu                 the C++ CPU kernels
   cuda                the CUDA kernels, on a GPU (skipped without one)
   cuda-on-host[-...]  the CUDA kernels' per-image code (csrc/cuda/*_image.cuh) run on the CPU by
-                      tests/cuda_on_host, under each shared-memory plan a GPU may choose: affinity
-                      rows per chunk, metric staged in shared memory or read in place. apply and
-                      untransform have no per-image form, so these run only match, transform and
-                      cls_attention.
+                      tests/cuda_on_host, under each plan a launch may choose: affinity rows per
+                      chunk (and output rows per block of apply/untransform), metric staged in
+                      shared memory or read in place, x in 16-byte packs or element by element.
 """
 from types import SimpleNamespace
 
@@ -25,11 +24,10 @@ from tt_kernels import reference
 
 ops = torch.ops.tt
 
-# (rows of affinities per chunk, metric staged) of each host run of the CUDA code.
-HOST_PLANS = {"cuda-on-host": (32, True), "cuda-on-host-rows3": (3, False),
-              "cuda-on-host-rows1": (1, True)}
+# (rows per chunk or block, metric staged, 16-byte packs) of each host run of the CUDA code.
+HOST_PLANS = {"cuda-on-host": (32, True, True), "cuda-on-host-rows3": (3, False, False),
+              "cuda-on-host-rows1": (1, True, True)}
 ALL = ["cpu", "cuda", *HOST_PLANS]
-COMPILED = ["cpu", "cuda"]  # the backends with apply and untransform
 
 
 def _on_cuda(fn):
@@ -40,14 +38,14 @@ def _on_cuda(fn):
     return run
 
 
-def _host_ops(rows, stage):
+def _host_ops(rows, stage, packed):
     host = cuda_kernels_on_host()
 
     def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
                   targets="all", prefix=1, mode="mean", cost="cosine"):
         args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
         ops.check_transform(x, size, metric, score, *args)
-        return tuple(host.transform(x, size, metric, score, *args, rows, stage))
+        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed))
 
     def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
               targets="all", prefix=1, cost="cosine"):
@@ -55,14 +53,23 @@ def _host_ops(rows, stage):
         ops.check_match(metric, score, size, *args, cost)
         if size is None:
             size = torch.ones((metric if metric is not None else score).shape[:2])
-        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage)
+        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed)
         return out[2], out[3]
+
+    def apply(x, size, dst, weight, n_out, mode="mean"):
+        ops.check_apply(x, size, dst, weight, n_out, mode)
+        return tuple(host.apply(x, size, dst, weight, n_out, mode, rows, packed))
+
+    def untransform(y, dst, weight):
+        ops.check_untransform(y, dst, weight)
+        return host.untransform(y, dst, weight, rows, packed)
 
     def cls_attention(q, k, size=None, scale=None):
         ops.check_cls_attention(q, k, size, scale)
         return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale)
 
-    return SimpleNamespace(match=match, transform=transform, cls_attention=cls_attention)
+    return SimpleNamespace(match=match, transform=transform, apply=apply, untransform=untransform,
+                           cls_attention=cls_attention)
 
 
 @pytest.fixture(params=ALL)
@@ -76,10 +83,6 @@ def tt(request):
         return SimpleNamespace(**{op: _on_cuda(getattr(ops, op)) for op in
                                   ("match", "apply", "untransform", "transform", "cls_attention")})
     return _host_ops(*HOST_PLANS[request.param])
-
-
-def compiled_only(test):
-    return pytest.mark.parametrize("tt", COMPILED, indirect=True)(test)
 
 
 # (method, k, alpha, targets); the transform rows cover every pair of k x alpha, k x targets and
@@ -178,7 +181,6 @@ def test_transform(tt, case):
     torch.testing.assert_close(x_out, want[0], **x_tol(case["dtype"]))
 
 
-@compiled_only
 @pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
 @pytest.mark.parametrize("case", CASES)
 def test_apply(tt, case, mode):
@@ -192,7 +194,6 @@ def test_apply(tt, case, mode):
     torch.testing.assert_close(x_out, want_x, **x_tol(case["dtype"]))
 
 
-@compiled_only
 @pytest.mark.parametrize("case", CASES)
 def test_untransform(tt, case):
     t, args = _inputs(case)
@@ -230,7 +231,6 @@ def _empty_batch(method, k, alpha, targets):
     return t, args
 
 
-@compiled_only
 @pytest.mark.parametrize("method,k,alpha,targets", EDGE_CONSTRUCTIONS)
 def test_empty_batch(tt, method, k, alpha, targets):
     t, args = _empty_batch(method, k, alpha, targets)
@@ -319,19 +319,16 @@ def _op_calls(dtype, tt=ops):
         "match_evit": (tt.match, (t["metric"], t["score"], t["size"]), dict(r=40, method="evit")),
         "transform": (tt.transform, (t["x"], t["size"], t["metric"], t["score"]),
                       dict(r=40, method="transform", k=2, alpha=0.5, targets="b")),
-        "apply": (getattr(tt, "apply", None), (t["x"], t["size"], dst, weight), dict(n_out=157)),
-        "untransform": (getattr(tt, "untransform", None), (y, dst, weight), {}),
+        "apply": (tt.apply, (t["x"], t["size"], dst, weight), dict(n_out=157)),
+        "untransform": (tt.untransform, (y, dst, weight), {}),
         "cls_attention": (tt.cls_attention, (q, kk, t["size"]), {}),
     }
 
 
-@pytest.mark.parametrize("tt,op,dtype,kind", [
-    (backend, op, dtype, kind)
-    for backend in ALL
+@pytest.mark.parametrize("op,dtype,kind", [
+    (op, dtype, kind)
     for op in ["match", "match_evit", "transform", "apply", "untransform", "cls_attention"]
-    if backend in COMPILED or op not in ("apply", "untransform")
-    for dtype, kind in [("float32", "sliced"), ("float32", "transposed"), ("bfloat16", "sliced")]],
-    indirect=["tt"])
+    for dtype, kind in [("float32", "sliced"), ("float32", "transposed"), ("bfloat16", "sliced")]])
 def test_non_contiguous_inputs(tt, op, dtype, kind):
     fn, tensors, kwargs = _op_calls(getattr(torch, dtype), tt)[op]
     want = fn(*tensors, **kwargs)

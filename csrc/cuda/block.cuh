@@ -15,10 +15,12 @@ struct BlockExec {
   // shuffles in warp_sum see the whole warp.
   template <typename F>
   __device__ void for_each_warp(int n, F f) {
-    const int lane = threadIdx.x % 32;
-    for (int i = threadIdx.x / 32; i < n; i += blockDim.x / 32) f(i, lane, 32);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int i = warp; i < n; i += blockDim.x / 32) f(i, lane, 32, warp);
     __syncthreads();
   }
+
+  __device__ int warps() const { return blockDim.x / 32; }
 
   __device__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

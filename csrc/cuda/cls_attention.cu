@@ -18,7 +18,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     cls_attention_kernel(int H, int N, int D, float scale, image::Heads<T> first, int64_t q_sb,
                          int64_t k_sb) {
   extern __shared__ float logits[];

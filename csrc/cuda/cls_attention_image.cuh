@@ -30,7 +30,7 @@ TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int D, float scale,
                                    const Heads<T>& im, float* logits) {
   ex.for_each(N, [&](int j) { im.out[j] = 0.f; });
   for (int h = 0; h < H; ++h) {
-    ex.for_each_warp(N, [&](int j, int lane, int lanes) {
+    ex.for_each_warp(N, [&](int j, int lane, int lanes, int) {
       float dot = 0.f;
       for (int d = lane; d < D; d += lanes)
         dot += static_cast<float>(im.q[h * im.q_sh + d * im.q_sd]) *

@@ -4,7 +4,8 @@
 //
 // An executor `ex` provides, with the semantics of a CUDA block (each call ends with a barrier):
 //   ex.for_each(n, f)       f(i) for i in [0, n), spread over the threads
-//   ex.for_each_warp(n, f)  f(i, lane, lanes) for i in [0, n), one warp per i
+//   ex.for_each_warp(n, f)  f(i, lane, lanes, warp) for i in [0, n), one warp per i; warp <
+//                           ex.warps(), the count a launch sizes per-warp buffers by
 //   ex.warp_sum(v)          sum of v over the calling warp's lanes, returned to every lane
 //   ex.sum(n, f), ex.max(n, f, lowest)   reductions of f(i) over [0, n), returned to every thread
 //   ex.single(f)            f() on one thread

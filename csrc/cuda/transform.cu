@@ -19,12 +19,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kStaticShared = 1024;  // BlockExec's reduction partials, with room to spare
 
-template <typename metric_t, typename x_t>
-__global__ void __launch_bounds__(kThreads)
+// V: x elements per load and store in the apply (16 bytes when x's rows are aligned).
+template <typename metric_t, typename x_t, int V>
+__global__ void __launch_bounds__(kThreads, 1)
     transform_kernel(image::Step s, image::Batch<metric_t, x_t> batch) {
   extern __shared__ float4 shared[];  // float4: 16-byte alignment for the staged metric
   BlockExec ex;
-  image::transform_image(ex, s, batch.image(s, blockIdx.x), shared);
+  image::transform_image<V>(ex, s, batch.image(s, blockIdx.x), shared);
 }
 
 // Picks the affinity rows per chunk and whether the metric is staged, largest first, within the
@@ -35,7 +36,7 @@ int64_t plan(const char* op, image::Step& s, int metric_bytes, int64_t limit) {
     for (const int rows : {32, 8, 1}) {
       s.rows_per_chunk = rows;
       s.metric_ld = ld;
-      const int64_t bytes = image::layout(s).bytes(s, metric_bytes);
+      const int64_t bytes = image::layout(s).bytes(s, metric_bytes, kThreads / 32);
       if (bytes <= limit) return bytes;
     }
   }
@@ -59,7 +60,6 @@ void launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
     batch.first.metric_sn = metric.stride(1);
-    batch.first.metric_sd = metric.stride(2);
     batch.metric_sb = metric.stride(0);
   }
   batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
@@ -71,7 +71,9 @@ void launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
     batch.first.x_out = x_out.data_ptr<x_t>();
     batch.first.size_out = size_out.data_ptr<float>();
   }
-  const auto kernel = transform_kernel<metric_t, x_t>;
+  constexpr int V = 16 / sizeof(x_t);
+  const bool packed = x.defined() && image::pack_width<x_t>(x.data_ptr(), s.C) == V;
+  const auto kernel = packed ? transform_kernel<metric_t, x_t, V> : transform_kernel<metric_t, x_t, 1>;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   kernel<<<size.size(0), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, batch);
@@ -88,6 +90,7 @@ void dispatch(const char* op, const image::Step& s, const std::optional<at::Tens
   const auto x_type = x.defined() ? x.scalar_type()
                                   : (metric.defined() ? metric.scalar_type() : at::kFloat);
   if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
+  if (metric.defined() && metric.stride(2) != 1) metric = metric.contiguous();  // rows as vectors
   TT_DISPATCH_FLOAT_TYPES(x_type, "tt_transform_cuda", [&] {
     if (!metric.defined() || metric.scalar_type() == x_type)
       launch<scalar_t, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out, size_out);

@@ -1,8 +1,8 @@
 // The fused reduction step for one image, written once for a whole thread block: stage the metric,
 // its norms, the removal keys (ToMe's A rows against B columns, or the score), the removed set by
 // exact rank, dst/weight (top-k over the kept targets, softmax), then optionally the apply
-// X' = T X with T laid out by output row. transform.cu runs it with one CUDA block per image;
-// tests/cuda_on_host/ runs the same source on the CPU (see portable.h).
+// X' = T X (apply_image.cuh) in the same block. transform.cu runs it with one CUDA block per
+// image; tests/cuda_on_host/ runs the same source on the CPU (see portable.h).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../tt.h"
+#include "apply_image.cuh"
 #include "portable.h"
 
 namespace tt {
@@ -55,6 +56,8 @@ inline Step make_step(const Construction& c, int64_t D, int64_t C, Mode mode) {
   return s;
 }
 
+TT_HOST_DEVICE ApplyStep apply_step(const Step& s) { return {s.N, s.K, s.C, s.n_out, s.mode}; }
+
 // Row stride of a staged metric: its length in 4-byte words is odd, so that threads reading
 // consecutive rows at the same column hit distinct shared-memory banks.
 inline int staged_ld(int D, int elem_bytes) {
@@ -62,13 +65,17 @@ inline int staged_ld(int D, int elem_bytes) {
   return D + ((2 - D % 4) + 4) % 4;  // 2-byte elements: ld = 2 (mod 4)
 }
 
-// Shared memory of one image, in 4-byte words from the start; the staged metric follows.
+// Shared memory of one image's construction, in 4-byte words from the start; the staged metric
+// follows. The apply reuses the same memory once T is built.
 struct Layout {
-  int inv_norm, key, best, keep, row_of, removed, x_norm, start, cursor, entry, cand_val,
-      cand_tok, sim, words;
-  TT_HOST_DEVICE int64_t bytes(const Step& s, int elem_bytes) const {
-    const int64_t aligned = (static_cast<int64_t>(words) * 4 + 15) / 16 * 16;
-    return aligned + static_cast<int64_t>(s.metric_ld) * s.N * elem_bytes;
+  int inv_norm, key, best, keep, row_of, removed, cand_val, cand_tok, sim, words;
+  TT_HOST_DEVICE int64_t bytes(const Step& s, int metric_bytes, int warps) const {
+    const int64_t construct = (static_cast<int64_t>(words) * 4 + 15) / 16 * 16 +
+                              static_cast<int64_t>(s.metric_ld) * s.N * metric_bytes;
+    const int64_t apply = s.C > 0 ? 4 * static_cast<int64_t>(
+                                            apply_words(apply_step(s), s.n_out, warps))
+                                  : 0;
+    return construct > apply ? construct : apply;
   }
 };
 
@@ -82,10 +89,6 @@ TT_HOST_DEVICE Layout layout(const Step& s) {
   l.keep = take(s.N);
   l.row_of = take(s.N);
   l.removed = take(s.N);
-  l.x_norm = take(s.N);
-  l.start = take(s.N + 1);
-  l.cursor = take(s.N);
-  l.entry = take(s.N * s.K);
   l.cand_val = take(s.rows_per_chunk * s.K);
   l.cand_tok = take(s.rows_per_chunk * s.K);
   l.sim = take(s.rows_per_chunk * s.N);
@@ -96,8 +99,8 @@ TT_HOST_DEVICE Layout layout(const Step& s) {
 // One image's tensors. x is null for tt.match; x and x_out are contiguous [N, C] / [n_out, C].
 template <typename metric_t, typename x_t>
 struct Image {
-  const metric_t* metric;
-  int64_t metric_sn, metric_sd;
+  const metric_t* metric;  // rows of stride metric_sn, channels contiguous
+  int64_t metric_sn;
   const float* score;  // null when not given (the construction does not read it)
   const float* size;
   int64_t* dst;
@@ -129,7 +132,7 @@ struct Batch {
   }
 };
 
-template <typename Exec, typename metric_t, typename x_t>
+template <int V, typename Exec, typename metric_t, typename x_t>
 TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_t>& im,
                                void* shared) {
   const int N = s.N, D = s.D, K = s.K, P = s.P, RB = s.rows_per_chunk;
@@ -150,23 +153,22 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
   // The metric, staged in shared memory when it fits; the cosine of a zero row is 0, as in the
   // reference (norms clamped at kNormEps).
   const metric_t* m = im.metric;
-  int64_t sn = im.metric_sn, sd = im.metric_sd;
+  int64_t sn = im.metric_sn;
   if (s.needs_affinity) {
     if (s.metric_ld > 0) {
       metric_t* staged = reinterpret_cast<metric_t*>(
           static_cast<unsigned char*>(shared) + (static_cast<int64_t>(l.words) * 4 + 15) / 16 * 16);
       ex.for_each(N * D, [&](int e) {
         const int t = e / D, d = e % D;
-        staged[t * s.metric_ld + d] = m[t * sn + d * sd];
+        staged[t * s.metric_ld + d] = m[t * sn + d];
       });
       m = staged;
       sn = s.metric_ld;
-      sd = 1;
     }
     ex.for_each(N, [&](int t) {
       float square = 0.f;
       for (int d = 0; d < D; ++d) {
-        const float v = static_cast<float>(m[t * sn + d * sd]);
+        const float v = static_cast<float>(m[t * sn + d]);
         square += v * v;
       }
       inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
@@ -174,11 +176,12 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
   }
   // Cosine of tokens i and t, or minus Ward's merge cost size_i size_t / (size_i + size_t) (1 - cos).
   const auto affinity = [&](int i, int t) {
-    float dot = 0.f;
+    const metric_t* a = m + i * sn;
+    const metric_t* b = m + t * sn;
     const float ni = inv_norm[i], nt = inv_norm[t];
+    float dot = 0.f;
     for (int d = 0; d < D; ++d)
-      dot += (static_cast<float>(m[i * sn + d * sd]) * ni) *
-             (static_cast<float>(m[t * sn + d * sd]) * nt);
+      dot += (static_cast<float>(a[d]) * ni) * (static_cast<float>(b[d]) * nt);
     if (!s.ward) return dot;
     const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
     return -(pair * (1.f - dot));
@@ -305,78 +308,8 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
     }
   }
   if (im.x == nullptr) return;
-
-  // The apply, in gather form: T by output row (entries j * K + slot, ascending), then one warp
-  // per output row over the channels, accumulating in fp32.
-  const int n_out = s.n_out, C = s.C, NK = N * K;
-  int* start = iwords + l.start;
-  int* cursor = iwords + l.cursor;
-  int* entry = iwords + l.entry;
-  float* x_norm = words + l.x_norm;
-  const int64_t* dst = im.dst;
-  const float* weight = im.weight;
-  ex.for_each(n_out + 1, [&](int i) { start[i] = 0; });
-  ex.for_each(NK, [&](int e) {
-    if (weight[e] != 0.f) ex.atomic_add(start + dst[e] + 1, 1);
-  });
-  ex.single([&] {
-    for (int i = 0; i < n_out; ++i) start[i + 1] += start[i];
-  });
-  ex.for_each(n_out, [&](int i) { cursor[i] = start[i]; });
-  ex.for_each(NK, [&](int e) {
-    if (weight[e] != 0.f) entry[ex.atomic_add(cursor + dst[e], 1)] = e;
-  });
-  ex.for_each(n_out, [&](int i) {
-    for (int a = start[i] + 1; a < start[i + 1]; ++a) {
-      const int v = entry[a];
-      int p = a;
-      for (; p > start[i] && entry[p - 1] > v; --p) entry[p] = entry[p - 1];
-      entry[p] = v;
-    }
-    float total = 0.f;
-    for (int a = start[i]; a < start[i + 1]; ++a) total += weight[entry[a]] * size[entry[a] / K];
-    im.size_out[i] = total;
-  });
-  const x_t* x = im.x;
-  if (s.mode == Mode::Norm) {
-    ex.for_each_warp(N, [&](int j, int lane, int lanes) {
-      float square = 0.f;
-      for (int ch = lane; ch < C; ch += lanes) {
-        const float v = static_cast<float>(x[static_cast<int64_t>(j) * C + ch]);
-        square += v * v;
-      }
-      square = ex.warp_sum(square);
-      if (lane == 0) x_norm[j] = sqrtf(square);
-    });
-  }
-  ex.for_each_warp(n_out, [&](int i, int lane, int lanes) {
-    const float total = im.size_out[i];
-    const auto coef = [&](int e) {
-      return s.mode == Mode::Sum ? weight[e] : weight[e] * size[e / K];
-    };
-    const auto mean_channel = [&](int ch) {
-      float acc = 0.f;
-      for (int a = start[i]; a < start[i + 1]; ++a)
-        acc += coef(entry[a]) * static_cast<float>(x[static_cast<int64_t>(entry[a] / K) * C + ch]);
-      if (s.mode != Mode::Sum) acc = total > 0.f ? acc / total : 0.f;
-      return acc;
-    };
-    x_t* out = im.x_out + static_cast<int64_t>(i) * C;
-    float scale = 1.f;
-    if (s.mode == Mode::Norm) {
-      // Rescale the mean row to the coefficient-weighted mean of its inputs' norms.
-      float square = 0.f;
-      for (int ch = lane; ch < C; ch += lanes) {
-        const float v = mean_channel(ch);
-        square += v * v;
-      }
-      const float length = sqrtf(ex.warp_sum(square));
-      float norm = 0.f;
-      for (int a = start[i]; a < start[i + 1]; ++a) norm += coef(entry[a]) * x_norm[entry[a] / K];
-      scale = length > 0.f && total > 0.f ? (norm / total) / length : 0.f;
-    }
-    for (int ch = lane; ch < C; ch += lanes) out[ch] = static_cast<x_t>(mean_channel(ch) * scale);
-  });
+  const ApplyImage<x_t> a{im.x, im.size, im.dst, im.weight, im.x_out, im.size_out};
+  apply_rows<V>(ex, apply_step(s), a, 0, s.n_out, shared);
 }
 
 }  // namespace image

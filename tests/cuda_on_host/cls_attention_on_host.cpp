@@ -3,8 +3,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "cuda/cls_attention_image.cuh"
 #include "tt.h"
 #include "serial_exec.h"
@@ -19,14 +17,14 @@ at::Tensor cls_attention_on_host(const at::Tensor& q, const at::Tensor& k,
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "cls_attention_on_host", [&] {
     SerialExec ex;
-    std::vector<float> logits(N);
+    SharedMemory logits(N * sizeof(float));
     for (int64_t b = 0; b < B; ++b) {
-      std::fill(logits.begin(), logits.end(), NAN);
       const image::Heads<scalar_t> im{
           q.data_ptr<scalar_t>() + b * q.stride(0), q.stride(1), q.stride(3),
           k.data_ptr<scalar_t>() + b * k.stride(0), k.stride(1), k.stride(2), k.stride(3),
           size.defined() ? size.data_ptr<float>() + b * N : nullptr, out.data_ptr<float>() + b * N};
-      image::cls_attention_image(ex, H, N, D, static_cast<float>(scale), im, logits.data());
+      image::cls_attention_image(ex, H, N, D, static_cast<float>(scale), im,
+                                  static_cast<float*>(logits.poisoned()));
     }
   });
   return out;

@@ -1,10 +1,10 @@
 // tt_host.transform: csrc/cuda/transform_image.cuh, the CUDA kernel's per-image code, run on CPU
-// tensors by SerialExec, with the shared-memory plan (rows per chunk, staging) chosen by the test.
+// tensors by SerialExec, with the plan (rows per chunk, staging, 16-byte packs) chosen by the test.
 // Arguments are validated beforehand by torch.ops.tt.check_transform / check_match.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <type_traits>
 
 #include "cuda/transform_image.cuh"
 #include "serial_exec.h"
@@ -23,7 +23,7 @@ Mode parse_mode(c10::string_view m) {
   return m == "sum" ? Mode::Sum : m == "norm" ? Mode::Norm : Mode::Mean;
 }
 
-template <typename metric_t, typename x_t>
+template <typename metric_t, typename x_t, int V>
 void run(image::Step s, bool stage, const at::Tensor& metric, const at::Tensor& score,
          const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
          const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
@@ -32,7 +32,6 @@ void run(image::Step s, bool stage, const at::Tensor& metric, const at::Tensor& 
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
     batch.first.metric_sn = metric.stride(1);
-    batch.first.metric_sd = metric.stride(2);
     batch.metric_sb = metric.stride(0);
   }
   batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
@@ -44,13 +43,10 @@ void run(image::Step s, bool stage, const at::Tensor& metric, const at::Tensor& 
     batch.first.x_out = x_out.data_ptr<x_t>();
     batch.first.size_out = size_out.data_ptr<float>();
   }
-  std::vector<float> shared((image::layout(s).bytes(s, sizeof(metric_t)) + 3) / 4);
+  SharedMemory shared(image::layout(s).bytes(s, sizeof(metric_t), 1));
   SerialExec ex;
-  for (int64_t b = 0; b < size.size(0); ++b) {
-    // Poisoned for each image: a read of what this image did not write shows in the results.
-    std::fill(shared.begin(), shared.end(), NAN);
-    image::transform_image(ex, s, batch.image(s, b), shared.data());
-  }
+  for (int64_t b = 0; b < size.size(0); ++b)
+    image::transform_image<V>(ex, s, batch.image(s, b), shared.poisoned());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
@@ -58,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const std::optional<at::Tensor>& metric_in, const std::optional<at::Tensor>& score_in,
     int64_t r, c10::string_view method, int64_t k, double tau, double alpha,
     c10::string_view targets, int64_t prefix, c10::string_view mode, c10::string_view cost,
-    int64_t rows_per_chunk, bool stage) {
+    int64_t rows_per_chunk, bool stage, bool packed) {
   const at::Tensor& ref = metric_in.has_value() ? *metric_in : *score_in;
   Construction c{};
   c.method = parse_method(method);
@@ -86,11 +82,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
   const auto x_type = x.defined() ? x.scalar_type()
                                   : (metric.defined() ? metric.scalar_type() : at::kFloat);
   if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
+  if (metric.defined() && metric.stride(2) != 1) metric = metric.contiguous();
   TT_DISPATCH_FLOAT_TYPES(x_type, "transform_on_host", [&] {
-    if (!metric.defined() || metric.scalar_type() == x_type)
-      run<scalar_t, scalar_t>(s, stage, metric, score, size, dst, weight, x, x_out, size_out);
-    else
-      run<float, scalar_t>(s, stage, metric, score, size, dst, weight, x, x_out, size_out);
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool vec = packed && x.defined() && image::pack_width<scalar_t>(x.data_ptr(), C) == V;
+    const auto go = [&](auto metric_zero, auto width) {
+      using metric_t = decltype(metric_zero);
+      run<metric_t, scalar_t, decltype(width)::value>(s, stage, metric, score, size, dst, weight,
+                                                     x, x_out, size_out);
+    };
+    const bool same = !metric.defined() || metric.scalar_type() == x_type;
+    if (same && vec) go(scalar_t{}, std::integral_constant<int, V>{});
+    if (same && !vec) go(scalar_t{}, std::integral_constant<int, 1>{});
+    if (!same && vec) go(float{}, std::integral_constant<int, V>{});
+    if (!same && !vec) go(float{}, std::integral_constant<int, 1>{});
   });
   return {x_out, size_out, dst, weight};
 }
@@ -101,7 +106,7 @@ TORCH_LIBRARY_FRAGMENT(tt_host, m) {
   m.def(
       "transform(Tensor? x, Tensor size, Tensor? metric, Tensor? score, int r, str method, int k, "
       "float tau, float alpha, str targets, int prefix, str mode, str cost, int rows_per_chunk, "
-      "bool stage) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool stage, bool packed) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("transform", &transform_on_host); }

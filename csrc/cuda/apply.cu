@@ -1,0 +1,121 @@
+// CUDA tt.apply and tt.untransform: apply_image.cuh with a block per range of output rows (or
+// tokens) of an image, so that small batches still fill the GPU; 16-byte packs when rows align.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../tt.h"
+#include "apply_image.cuh"
+#include "block.cuh"
+
+namespace tt {
+namespace {
+
+// 8 warps a block, at least 2 blocks an SM: ptxas keeps the loops in registers (<= 128).
+constexpr int kWarps = 8;
+constexpr int kRowsPerBlock = 4 * kWarps;
+
+int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+template <typename x_t, int V>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    apply_kernel(image::ApplyStep s, image::ApplyImage<x_t> first, int parts) {
+  extern __shared__ float4 shared[];
+  const int64_t b = blockIdx.x / parts;
+  const int row0 = (blockIdx.x % parts) * kRowsPerBlock;
+  const int row1 = min(s.n_out, row0 + kRowsPerBlock);
+  const int64_t nk = static_cast<int64_t>(s.N) * s.K;
+  const image::ApplyImage<x_t> im{first.x + b * s.N * s.C, first.size + b * s.N,
+                                  first.dst + b * nk, first.weight + b * nk,
+                                  first.x_out + b * s.n_out * s.C, first.size_out + b * s.n_out};
+  BlockExec ex;
+  image::apply_rows<V>(ex, s, im, row0, row1, shared);
+}
+
+template <typename x_t, int V>
+__global__ void __launch_bounds__(kWarps * 32, 2)
+    untransform_kernel(int N, int K, int C, int n_y, const x_t* y, const int64_t* dst,
+                       const float* weight, x_t* out, int parts) {
+  const int64_t b = blockIdx.x / parts;
+  const int t0 = (blockIdx.x % parts) * kRowsPerBlock;
+  BlockExec ex;
+  image::untransform_rows<V>(ex, K, C, y + b * n_y * C, dst + b * N * K, weight + b * N * K,
+                             out + b * N * C, t0, min(N, t0 + kRowsPerBlock));
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::Tensor& size_in,
+                                              const at::Tensor& dst_in,
+                                              const at::Tensor& weight_in, int64_t n_out,
+                                              c10::string_view mode) {
+  const Mode how = check_apply("tt.apply", x_in, size_in, dst_in, weight_in, n_out, mode);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto size = size_in.contiguous();
+  const auto dst = dst_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
+  TORCH_CHECK(N * K < (int64_t{1} << 31), "tt.apply: N * K must fit in int32, got ", N * K);
+  auto out = at::empty({B, n_out, C}, x.options());
+  auto size_out = at::empty({B, n_out}, size.options());
+  if (B == 0 || n_out == 0) return {out, size_out};
+  const image::ApplyStep s{static_cast<int>(N), static_cast<int>(K), static_cast<int>(C),
+                           static_cast<int>(n_out), how};
+  const int64_t bytes = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, kWarps));
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        x.device().index()));
+  TORCH_CHECK(bytes <= limit, "tt.apply: C = ", C, " channels and N * K = ", N * K,
+              " entries need ", bytes, " bytes of shared memory, more than this GPU gives a "
+              "block (", limit, "); use backend=\"triton\"");
+  const int parts = ceil_div(n_out, kRowsPerBlock);
+  TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cuda", [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool packed = image::pack_width<scalar_t>(x.data_ptr(), C) == V;
+    const auto kernel = packed ? apply_kernel<scalar_t, V> : apply_kernel<scalar_t, 1>;
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    const image::ApplyImage<scalar_t> first{
+        x.data_ptr<scalar_t>(), size.data_ptr<float>(), dst.data_ptr<int64_t>(),
+        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), size_out.data_ptr<float>()};
+    kernel<<<B * parts, kWarps * 32, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, first,
+                                                                                 parts);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, size_out};
+}
+
+at::Tensor untransform_cuda(const at::Tensor& y_in, const at::Tensor& dst_in,
+                            const at::Tensor& weight_in) {
+  check_untransform(y_in, dst_in, weight_in);
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const auto y = y_in.contiguous();
+  const auto dst = dst_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t B = dst.size(0), N = dst.size(1), K = dst.size(2), C = y.size(2);
+  auto out = at::empty({B, N, C}, y.options());
+  if (out.numel() == 0) return out;
+  const int parts = ceil_div(N, kRowsPerBlock);
+  TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "tt_untransform_cuda", [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool packed = image::pack_width<scalar_t>(y.data_ptr(), C) == V;
+    const auto kernel = packed ? untransform_kernel<scalar_t, V> : untransform_kernel<scalar_t, 1>;
+    kernel<<<B * parts, kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        N, K, C, y.size(1), y.data_ptr<scalar_t>(), dst.data_ptr<int64_t>(),
+        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), parts);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tt, CUDA, m) {
+  m.impl("apply", &apply_cuda);
+  m.impl("untransform", &untransform_cuda);
+}
+
+}  // namespace tt
