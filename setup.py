@@ -51,6 +51,7 @@ def extension():
     print(f"tt_kernels: building CPU and CUDA kernels for {os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-lineinfo"]
+    cxx = cxx + ["-DTT_WITH_CUDA"]  # checks.cpp: graph-capture-aware value checks
     return CUDAExtension("tt_kernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=["-fopenmp"])
 

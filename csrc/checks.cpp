@@ -2,6 +2,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#ifdef TT_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 #include "tt.h"
 
 namespace tt {
@@ -33,14 +37,25 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
               " but the other inputs are on ", ref.device());
 }
 
-// A check of tensor values. On the CPU it raises at once. On a GPU it must not synchronise (a sync
-// per reduction step stalls the pipeline and breaks CUDA graph capture), so the condition is
-// asserted on the device, asynchronously, with the same message.
+// Whether `t`'s stream is being captured into a CUDA graph, where nothing may synchronise.
+bool capturing(const at::Tensor& t) {
+#ifdef TT_WITH_CUDA
+  return t.is_cuda() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+// A check of tensor values: it raises at once, which on a GPU costs a synchronisation. During CUDA
+// graph capture the condition is asserted on the device instead, without the message (as PyTorch's
+// own kernels do in graphs).
 void check_values(const at::Tensor& ok, const std::string& message) {
-  if (ok.device().is_cpu()) {
-    TORCH_CHECK_VALUE(ok.item<bool>(), message);
-  } else {
+  if (capturing(ok)) {
     at::_assert_async(ok, message);
+  } else {
+    TORCH_CHECK_VALUE(ok.item<bool>(), message);
   }
 }
 
@@ -78,7 +93,7 @@ void check_sparse(const char* op, const at::Tensor& dst, const at::Tensor& weigh
   check_device(op, "weight", weight, ref);
   check_finite(op, "weight", weight);
   if (dst.numel() == 0) return;
-  if (!dst.device().is_cpu()) {
+  if (capturing(dst)) {
     check_values(at::logical_and(dst >= 0, dst < n_out).all(),
                  c10::str(op, ": `dst` entries must lie in [0, ", n_out, ")"));
     return;

@@ -27,6 +27,14 @@ struct BlockExec {
     return v;
   }
 
+  __device__ void warp_argmax(float& v, int& i) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other_v = __shfl_xor_sync(0xffffffffu, v, offset);
+      const int other_i = __shfl_xor_sync(0xffffffffu, i, offset);
+      if (other_v > v || (other_v == v && other_i < i)) v = other_v, i = other_i;
+    }
+  }
+
   template <typename F>
   __device__ auto sum(int n, F f) -> decltype(f(0)) {
     using T = decltype(f(0));

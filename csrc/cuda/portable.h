@@ -7,6 +7,8 @@
 //   ex.for_each_warp(n, f)  f(i, lane, lanes, warp) for i in [0, n), one warp per i; warp <
 //                           ex.warps(), the count a launch sizes per-warp buffers by
 //   ex.warp_sum(v)          sum of v over the calling warp's lanes, returned to every lane
+//   ex.warp_argmax(v, i)    the lane's (v, i) with the largest v, on ties the smallest i, to every
+//                           lane
 //   ex.sum(n, f), ex.max(n, f, lowest)   reductions of f(i) over [0, n), returned to every thread
 //   ex.single(f)            f() on one thread
 //   ex.atomic_add(p, v)     *p += v, returning the old value

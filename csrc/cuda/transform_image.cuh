@@ -20,6 +20,7 @@ namespace tt {
 namespace image {
 
 constexpr float kNormEps = 1e-12f;
+constexpr int kNone = 0x7fffffff;  // no candidate: an index above every token
 constexpr float kScoreEps = 1e-30f;
 
 // What every image of a launch shares.
@@ -201,14 +202,16 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
       ex.for_each(rows * nB, [&](int e) {
         sim[e] = affinity(a0 + 2 * (c0 + e / nB), b0 + 2 * (e % nB));
       });
-      ex.for_each(rows, [&](int i) {
-        const int a = a0 + 2 * (c0 + i);
+      ex.for_each_warp(rows, [&](int i, int lane, int lanes, int) {
         float top = neg_inf;
-        int arg = 0;
-        for (int c = 0; c < nB; ++c)
-          if (sim[i * nB + c] > top) top = sim[i * nB + c], arg = b0 + 2 * c;
+        int arg = kNone;
+        for (int c = lane; c < nB; c += lanes)
+          if (sim[i * nB + c] > top) top = sim[i * nB + c], arg = c;
+        ex.warp_argmax(top, arg);
+        if (lane > 0) return;
+        const int a = a0 + 2 * (c0 + i);
         key[a] = top;
-        best[a] = arg;
+        best[a] = arg == kNone ? 0 : b0 + 2 * arg;
       });
     }
     if (s.mix) {
@@ -276,25 +279,30 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
         const int t = e % N;
         if (allowed(t)) sim[e] = affinity(removed[c0 + e / N], t);
       });
-      ex.for_each(rows, [&](int i) {
-        // The k most similar allowed targets, by insertion into a descending list (strict >
-        // keeps the lower index on ties), then softmax(affinity / tau) over those found.
+      ex.for_each_warp(rows, [&](int i, int lane, int lanes, int) {
+        // The k most similar allowed targets in order (descending affinity, lower index first
+        // on ties): each round takes the best target after the previous one in that order.
         const float* row = sim + i * N;
         float* val = cand_val + i * K;
         int* tok = cand_tok + i * K;
         int found = 0;
-        for (int t = P; t < N; ++t) {
-          if (!allowed(t) || (found == K && !(row[t] > val[K - 1]))) continue;
-          int pos = std::min(found, K - 1);
-          for (; pos > 0 && row[t] > val[pos - 1]; --pos) {
-            val[pos] = val[pos - 1];
-            tok[pos] = tok[pos - 1];
+        float prev_v = INFINITY;
+        int prev_t = -1;
+        for (; found < K; ++found) {
+          float top = neg_inf;
+          int arg = kNone;
+          for (int t = P + lane; t < N; t += lanes) {
+            const bool after = row[t] < prev_v || (row[t] == prev_v && t > prev_t);
+            if (allowed(t) && after && row[t] > top) top = row[t], arg = t;
           }
-          val[pos] = row[t];
-          tok[pos] = t;
-          found = std::min(found + 1, K);
+          ex.warp_argmax(top, arg);
+          if (arg == kNone) break;
+          if (lane == 0) val[found] = top, tok[found] = arg;
+          prev_v = top;
+          prev_t = arg;
         }
-        if (found == 0) return;  // nowhere to go: pruned
+        // softmax(affinity / tau) over the targets found, on lane 0 (which wrote them).
+        if (found == 0 || lane > 0) return;  // none: pruned
         float peak = neg_inf, total = 0.f;
         for (int slot = 0; slot < found; ++slot) peak = fmaxf(peak, val[slot] / s.tau);
         for (int slot = 0; slot < found; ++slot)

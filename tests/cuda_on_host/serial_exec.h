@@ -38,6 +38,7 @@ struct SerialExec {
   }
   int warps() const { return 1; }
   float warp_sum(float v) { return v; }
+  void warp_argmax(float&, int&) {}
   template <typename F>
   auto sum(int n, F f) -> decltype(f(0)) {
     decltype(f(0)) v = 0;
