@@ -352,3 +352,19 @@ def test_same_result_on_one_thread(op):
         torch.set_num_threads(threads)
     for g, w in zip(*((got, want) if isinstance(got, tuple) else ((got,), (want,)))):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("D,C", [(5, 7), (24, 40)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_counts_off_the_vector_width(tt, D, C, dtype):
+    """Metric and x channels that are not (5, 7) or are (24, 40) whole 16-byte packs."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, 37, C, generator=g).to(dtype)
+    metric = (torch.randn(2, 37, D, generator=g) + 2).to(dtype)
+    size = torch.randint(1, 4, (2, 37), generator=g).float()
+    args = dict(r=9, method="transform", k=2, targets="b", mode="norm", cost="ward")
+    got = tt.transform(x, size, metric, None, **args)
+    want = reference.transform(x, size, metric, None, **args)
+    _assert_same_T(got[2:], want[2:])
+    torch.testing.assert_close(got[1], want[1], **SIZE_TOL)
+    torch.testing.assert_close(got[0], want[0], **x_tol(dtype))

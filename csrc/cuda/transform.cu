@@ -28,15 +28,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   image::transform_image<V>(ex, s, batch.image(s, blockIdx.x), shared);
 }
 
-// Picks the affinity rows per chunk and whether the metric is staged, largest first, within the
-// device's shared memory; returns the dynamic shared bytes.
-int64_t plan(const char* op, image::Step& s, int metric_bytes, int64_t limit) {
-  const int staged = s.needs_affinity ? image::staged_ld(s.D, metric_bytes) : 0;
-  for (const int ld : {staged, 0}) {
+// Picks whether the metric is staged in shared memory (preferred) and the affinity rows per
+// chunk (largest first) within the device's shared memory; returns the dynamic shared bytes.
+template <typename metric_t>
+int64_t plan(const char* op, image::Step& s, const at::Tensor& metric, int64_t limit) {
+  for (const bool staged : {true, false}) {
+    if (staged && !s.needs_affinity) continue;
+    s.metric_packed = s.needs_affinity &&
+                      image::metric_packs(s.D, staged, metric.data_ptr<metric_t>(),
+                                          metric.stride(1), metric.stride(0));
+    s.metric_ld = staged ? image::staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
     for (const int rows : {32, 8, 1}) {
       s.rows_per_chunk = rows;
-      s.metric_ld = ld;
-      const int64_t bytes = image::layout(s).bytes(s, metric_bytes, kThreads / 32);
+      const int64_t bytes = image::layout(s).bytes(s, sizeof(metric_t), kThreads / 32);
       if (bytes <= limit) return bytes;
     }
   }
@@ -55,7 +59,7 @@ template <typename metric_t, typename x_t>
 void launch(const char* op, image::Step s, const at::Tensor& metric, const at::Tensor& score,
             const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
             const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
-  const int64_t bytes = plan(op, s, sizeof(metric_t), shared_limit(size));
+  const int64_t bytes = plan<metric_t>(op, s, metric, shared_limit(size));
   image::Batch<metric_t, x_t> batch{};
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();

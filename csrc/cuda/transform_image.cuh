@@ -28,6 +28,7 @@ struct Step {
   int N, D, C, K, P, r, n_out, n_keep;
   int rows_per_chunk;  // affinity rows held in shared memory at once
   int metric_ld;       // row stride of the staged metric, 0 when it is read from global memory
+  bool metric_packed;  // affinities read the metric in 16-byte packs (see metric_packs)
   Method method;
   Mode mode;
   bool by_importance, mix, targets_b, ward, needs_affinity;
@@ -59,9 +60,24 @@ inline Step make_step(const Construction& c, int64_t D, int64_t C, Mode mode) {
 
 TT_HOST_DEVICE ApplyStep apply_step(const Step& s) { return {s.N, s.K, s.C, s.n_out, s.mode}; }
 
-// Row stride of a staged metric: its length in 4-byte words is odd, so that threads reading
-// consecutive rows at the same column hit distinct shared-memory banks.
-inline int staged_ld(int D, int elem_bytes) {
+// Whether the affinities may read the metric in 16-byte packs: D a whole number of packs and
+// every row 16-byte aligned (always so once staged).
+template <typename metric_t>
+inline bool metric_packs(int D, bool staged, const metric_t* ptr, int64_t sn, int64_t sb) {
+  constexpr int V = 16 / sizeof(metric_t);
+  const bool rows_aligned =
+      staged || (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && sn % V == 0 && sb % V == 0);
+  return D % V == 0 && rows_aligned;
+}
+
+// Row stride of a staged metric, so that threads reading consecutive rows at the same column hit
+// distinct shared-memory banks: an odd number of 16-byte units when read in packs, else of 4-byte
+// words.
+inline int staged_ld(int D, int elem_bytes, bool packed) {
+  if (packed) {
+    const int V = 16 / elem_bytes, units = (D + V - 1) / V;
+    return (units | 1) * V;
+  }
   if (elem_bytes == 4) return D | 1;
   return D + ((2 - D % 4) + 4) % 4;  // 2-byte elements: ld = 2 (mod 4)
 }
@@ -181,8 +197,17 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
     const metric_t* b = m + t * sn;
     const float ni = inv_norm[i], nt = inv_norm[t];
     float dot = 0.f;
-    for (int d = 0; d < D; ++d)
-      dot += (static_cast<float>(a[d]) * ni) * (static_cast<float>(b[d]) * nt);
+    if (s.metric_packed) {  // the same sums in the same order, from 16-byte loads
+      constexpr int MV = 16 / sizeof(metric_t);
+      for (int d = 0; d < D; d += MV) {
+        const Pack<metric_t, MV> pa = load_pack<MV>(a + d), pb = load_pack<MV>(b + d);
+        for (int v = 0; v < MV; ++v)
+          dot += (static_cast<float>(pa.v[v]) * ni) * (static_cast<float>(pb.v[v]) * nt);
+      }
+    } else {
+      for (int d = 0; d < D; ++d)
+        dot += (static_cast<float>(a[d]) * ni) * (static_cast<float>(b[d]) * nt);
+    }
     if (!s.ward) return dot;
     const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
     return -(pair * (1.f - dot));

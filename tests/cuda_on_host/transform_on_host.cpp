@@ -24,10 +24,14 @@ Mode parse_mode(c10::string_view m) {
 }
 
 template <typename metric_t, typename x_t, int V>
-void run(image::Step s, bool stage, const at::Tensor& metric, const at::Tensor& score,
+void run(image::Step s, bool stage, bool packed, const at::Tensor& metric, const at::Tensor& score,
          const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
          const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
-  s.metric_ld = stage && s.needs_affinity ? image::staged_ld(s.D, sizeof(metric_t)) : 0;
+  stage = stage && s.needs_affinity;
+  s.metric_packed = s.needs_affinity && packed &&
+                    image::metric_packs(s.D, stage, metric.data_ptr<metric_t>(), metric.stride(1),
+                                        metric.stride(0));
+  s.metric_ld = stage ? image::staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
   image::Batch<metric_t, x_t> batch{};
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
@@ -88,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const bool vec = packed && x.defined() && image::pack_width<scalar_t>(x.data_ptr(), C) == V;
     const auto go = [&](auto metric_zero, auto width) {
       using metric_t = decltype(metric_zero);
-      run<metric_t, scalar_t, decltype(width)::value>(s, stage, metric, score, size, dst, weight,
-                                                     x, x_out, size_out);
+      run<metric_t, scalar_t, decltype(width)::value>(s, stage, packed, metric, score, size, dst,
+                                                     weight, x, x_out, size_out);
     };
     const bool same = !metric.defined() || metric.scalar_type() == x_type;
     if (same && vec) go(scalar_t{}, std::integral_constant<int, V>{});
