@@ -11,7 +11,8 @@ Backends (the `tt` fixture), all called on the same CPU inputs:
   cuda-on-host[-...]  the CUDA kernels' per-image code (csrc/cuda/*_image.cuh) run on the CPU by
                       tests/cuda_on_host, under each plan a launch may choose: affinity rows per
                       chunk (and output rows per block of apply/untransform), metric staged in
-                      shared memory or read in place, x in 16-byte packs or element by element.
+                      shared memory or read in place, 16-byte packs or element by element; and
+                      either serially or by a block of 64 host threads with CUDA's semantics.
 """
 from types import SimpleNamespace
 
@@ -24,9 +25,10 @@ from tt_kernels import reference
 
 ops = torch.ops.tt
 
-# (rows per chunk or block, metric staged, 16-byte packs) of each host run of the CUDA code.
-HOST_PLANS = {"cuda-on-host": (32, True, True), "cuda-on-host-rows3": (3, False, False),
-              "cuda-on-host-rows1": (1, True, True)}
+# (rows per chunk or block, metric staged, 16-byte packs, threads: 0 serial, else a block of host
+# threads with 32-lane warps) of each host run of the CUDA code.
+HOST_PLANS = {"cuda-on-host": (32, True, True, 0), "cuda-on-host-rows3": (3, False, False, 0),
+              "cuda-on-host-rows1": (1, True, True, 0), "cuda-on-host-threads": (8, True, True, 64)}
 ALL = ["cpu", "cuda", *HOST_PLANS]
 
 
@@ -38,14 +40,14 @@ def _on_cuda(fn):
     return run
 
 
-def _host_ops(rows, stage, packed):
+def _host_ops(rows, stage, packed, threads):
     host = cuda_kernels_on_host()
 
     def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
                   targets="all", prefix=1, mode="mean", cost="cosine"):
         args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
         ops.check_transform(x, size, metric, score, *args)
-        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed))
+        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads))
 
     def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
               targets="all", prefix=1, cost="cosine"):
@@ -53,20 +55,22 @@ def _host_ops(rows, stage, packed):
         ops.check_match(metric, score, size, *args, cost)
         if size is None:
             size = torch.ones((metric if metric is not None else score).shape[:2])
-        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed)
+        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed,
+                             threads)
         return out[2], out[3]
 
     def apply(x, size, dst, weight, n_out, mode="mean"):
         ops.check_apply(x, size, dst, weight, n_out, mode)
-        return tuple(host.apply(x, size, dst, weight, n_out, mode, rows, packed))
+        return tuple(host.apply(x, size, dst, weight, n_out, mode, rows, packed, threads))
 
     def untransform(y, dst, weight):
         ops.check_untransform(y, dst, weight)
-        return host.untransform(y, dst, weight, rows, packed)
+        return host.untransform(y, dst, weight, rows, packed, threads)
 
     def cls_attention(q, k, size=None, scale=None):
         ops.check_cls_attention(q, k, size, scale)
-        return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale)
+        return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale,
+                                  threads)
 
     return SimpleNamespace(match=match, transform=transform, apply=apply, untransform=untransform,
                            cls_attention=cls_attention)

@@ -1,5 +1,5 @@
 // tt_host.apply / tt_host.untransform: csrc/cuda/apply_image.cuh, the CUDA kernels' per-image
-// code, run on CPU tensors by SerialExec, in blocks of `rows_per_block` output rows (tokens) and
+// code, run on CPU tensors (host_launch.h), in blocks of `rows_per_block` output rows (tokens),
 // with or without 16-byte packs. Arguments are validated beforehand by check_apply/untransform.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -7,7 +7,7 @@
 #include <algorithm>
 
 #include "cuda/apply_image.cuh"
-#include "serial_exec.h"
+#include "host_launch.h"
 
 namespace tt {
 namespace {
@@ -15,19 +15,18 @@ namespace {
 template <typename x_t, int V>
 void apply_all(const image::ApplyStep& s, const at::Tensor& x, const at::Tensor& size,
                const at::Tensor& dst, const at::Tensor& weight, const at::Tensor& out,
-               const at::Tensor& size_out, int rows_per_block) {
-  SharedMemory shared(4 * static_cast<int64_t>(image::apply_words(s, rows_per_block, 1)));
-  SerialExec ex;
+               const at::Tensor& size_out, int rows_per_block, int threads) {
   const int64_t nk = static_cast<int64_t>(s.N) * s.K;
-  for (int64_t b = 0; b < x.size(0); ++b) {
+  const int64_t bytes = 4 * static_cast<int64_t>(
+                                image::apply_words(s, rows_per_block, host_warps(threads)));
+  launch_on_host(x.size(0), threads, bytes, [&](auto& ex, int64_t b, void* shared) {
     const image::ApplyImage<x_t> im{
         x.data_ptr<x_t>() + b * s.N * s.C, size.data_ptr<float>() + b * s.N,
         dst.data_ptr<int64_t>() + b * nk, weight.data_ptr<float>() + b * nk,
         out.data_ptr<x_t>() + b * s.n_out * s.C, size_out.data_ptr<float>() + b * s.n_out};
     for (int row0 = 0; row0 < s.n_out; row0 += rows_per_block)
-      image::apply_rows<V>(ex, s, im, row0, std::min(s.n_out, row0 + rows_per_block),
-                           shared.poisoned());
-  }
+      image::apply_rows<V>(ex, s, im, row0, std::min(s.n_out, row0 + rows_per_block), shared);
+  });
 }
 
 Mode parse_mode(c10::string_view m) {
@@ -39,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> apply_on_host(const at::Tensor& x_in,
                                                  const at::Tensor& dst_in,
                                                  const at::Tensor& weight_in, int64_t n_out,
                                                  c10::string_view mode, int64_t rows_per_block,
-                                                 bool packed) {
+                                                 bool packed, int64_t threads) {
   const auto x = x_in.contiguous();
   const auto size = size_in.contiguous();
   const auto dst = dst_in.contiguous();
@@ -51,16 +50,18 @@ std::tuple<at::Tensor, at::Tensor> apply_on_host(const at::Tensor& x_in,
   auto size_out = at::full({x.size(0), n_out}, NAN, size.options());
   TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "apply_on_host", [&] {
     constexpr int V = 16 / sizeof(scalar_t);
+    const int rows = static_cast<int>(rows_per_block), team = static_cast<int>(threads);
     if (packed && image::pack_width<scalar_t>(x.data_ptr(), s.C) == V)
-      apply_all<scalar_t, V>(s, x, size, dst, weight, out, size_out, rows_per_block);
+      apply_all<scalar_t, V>(s, x, size, dst, weight, out, size_out, rows, team);
     else
-      apply_all<scalar_t, 1>(s, x, size, dst, weight, out, size_out, rows_per_block);
+      apply_all<scalar_t, 1>(s, x, size, dst, weight, out, size_out, rows, team);
   });
   return {out, size_out};
 }
 
 at::Tensor untransform_on_host(const at::Tensor& y_in, const at::Tensor& dst_in,
-                               const at::Tensor& weight_in, int64_t rows_per_block, bool packed) {
+                               const at::Tensor& weight_in, int64_t rows_per_block, bool packed,
+                               int64_t threads) {
   const auto y = y_in.contiguous();
   const auto dst = dst_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -69,19 +70,19 @@ at::Tensor untransform_on_host(const at::Tensor& y_in, const at::Tensor& dst_in,
   TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "untransform_on_host", [&] {
     constexpr int V = 16 / sizeof(scalar_t);
     const bool vec = packed && image::pack_width<scalar_t>(y.data_ptr(), C) == V;
-    SerialExec ex;
-    for (int64_t b = 0; b < B; ++b)
+    launch_on_host(B, static_cast<int>(threads), 0, [&](auto& ex, int64_t b, void*) {
+      const scalar_t* yb = y.data_ptr<scalar_t>() + b * y.size(1) * C;
+      const int64_t* db = dst.data_ptr<int64_t>() + b * N * K;
+      const float* wb = weight.data_ptr<float>() + b * N * K;
+      scalar_t* ob = out.data_ptr<scalar_t>() + b * N * C;
       for (int64_t t0 = 0; t0 < N; t0 += rows_per_block) {
-        const auto args = std::make_tuple(
-            static_cast<int>(K), static_cast<int>(C), y.data_ptr<scalar_t>() + b * y.size(1) * C,
-            dst.data_ptr<int64_t>() + b * N * K, weight.data_ptr<float>() + b * N * K,
-            out.data_ptr<scalar_t>() + b * N * C, static_cast<int>(t0),
-            static_cast<int>(std::min(N, t0 + rows_per_block)));
+        const int t1 = static_cast<int>(std::min(N, t0 + rows_per_block));
         if (vec)
-          std::apply([&](auto... a) { image::untransform_rows<V>(ex, a...); }, args);
+          image::untransform_rows<V>(ex, K, C, yb, db, wb, ob, static_cast<int>(t0), t1);
         else
-          std::apply([&](auto... a) { image::untransform_rows<1>(ex, a...); }, args);
+          image::untransform_rows<1>(ex, K, C, yb, db, wb, ob, static_cast<int>(t0), t1);
       }
+    });
   });
   return out;
 }
@@ -91,10 +92,10 @@ at::Tensor untransform_on_host(const at::Tensor& y_in, const at::Tensor& dst_in,
 TORCH_LIBRARY_FRAGMENT(tt_host, m) {
   m.def(
       "apply(Tensor x, Tensor size, Tensor dst, Tensor weight, int n_out, str mode, "
-      "int rows_per_block, bool packed) -> (Tensor, Tensor)");
+      "int rows_per_block, bool packed, int threads) -> (Tensor, Tensor)");
   m.def(
-      "untransform(Tensor y, Tensor dst, Tensor weight, int rows_per_block, bool packed) "
-      "-> Tensor");
+      "untransform(Tensor y, Tensor dst, Tensor weight, int rows_per_block, bool packed, "
+      "int threads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tt_host, CPU, m) {

@@ -1,31 +1,32 @@
 // tt_host.cls_attention: csrc/cuda/cls_attention_image.cuh, the CUDA kernel's per-image code, run
-// on CPU tensors by SerialExec. Arguments are validated beforehand by check_cls_attention.
+// on CPU tensors (host_launch.h). Arguments are validated beforehand by check_cls_attention.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cuda/cls_attention_image.cuh"
 #include "tt.h"
-#include "serial_exec.h"
+#include "host_launch.h"
 
 namespace tt {
 namespace {
 
 at::Tensor cls_attention_on_host(const at::Tensor& q, const at::Tensor& k,
-                                 const std::optional<at::Tensor>& size_in, double scale) {
+                                 const std::optional<at::Tensor>& size_in, double scale,
+                                 int64_t threads) {
   const int64_t B = k.size(0), H = k.size(1), N = k.size(2), D = k.size(3);
   auto out = at::full({B, N}, NAN, k.options().dtype(at::kFloat));
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "cls_attention_on_host", [&] {
-    SerialExec ex;
-    SharedMemory logits(N * sizeof(float));
-    for (int64_t b = 0; b < B; ++b) {
-      const image::Heads<scalar_t> im{
-          q.data_ptr<scalar_t>() + b * q.stride(0), q.stride(1), q.stride(3),
-          k.data_ptr<scalar_t>() + b * k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-          size.defined() ? size.data_ptr<float>() + b * N : nullptr, out.data_ptr<float>() + b * N};
-      image::cls_attention_image(ex, H, N, D, static_cast<float>(scale), im,
-                                  static_cast<float*>(logits.poisoned()));
-    }
+    launch_on_host(B, static_cast<int>(threads), N * sizeof(float),
+                   [&](auto& ex, int64_t b, void* logits) {
+                     const image::Heads<scalar_t> im{
+                         q.data_ptr<scalar_t>() + b * q.stride(0), q.stride(1), q.stride(3),
+                         k.data_ptr<scalar_t>() + b * k.stride(0), k.stride(1), k.stride(2),
+                         k.stride(3), size.defined() ? size.data_ptr<float>() + b * N : nullptr,
+                         out.data_ptr<float>() + b * N};
+                     image::cls_attention_image(ex, H, N, D, static_cast<float>(scale), im,
+                                                static_cast<float*>(logits));
+                   });
   });
   return out;
 }
@@ -33,7 +34,7 @@ at::Tensor cls_attention_on_host(const at::Tensor& q, const at::Tensor& k,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tt_host, m) {
-  m.def("cls_attention(Tensor q, Tensor k, Tensor? size, float scale) -> Tensor");
+  m.def("cls_attention(Tensor q, Tensor k, Tensor? size, float scale, int threads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("cls_attention", &cls_attention_on_host); }

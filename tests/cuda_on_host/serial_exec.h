@@ -3,29 +3,7 @@
 // as a wrong result against the reference.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-#include <vector>
-
 namespace tt {
-
-// A block's dynamic shared memory: 16-byte aligned, and poisoned with NaN before each image, so
-// that reading anything the image did not write shows in the results.
-class SharedMemory {
- public:
-  explicit SharedMemory(int64_t bytes) : quads_((bytes + 15) / 16) {}
-  void* poisoned() {
-    for (auto& q : quads_)
-      for (float& f : q.v) f = NAN;
-    return quads_.data();
-  }
-
- private:
-  struct alignas(16) Quad {
-    float v[4];
-  };
-  std::vector<Quad> quads_;
-};
 
 struct SerialExec {
   template <typename F>

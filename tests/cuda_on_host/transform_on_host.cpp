@@ -1,5 +1,6 @@
 // tt_host.transform: csrc/cuda/transform_image.cuh, the CUDA kernel's per-image code, run on CPU
-// tensors by SerialExec, with the plan (rows per chunk, staging, 16-byte packs) chosen by the test.
+// tensors (host_launch.h), with the plan (rows per chunk, staging, 16-byte packs, threads) chosen
+// by the test.
 // Arguments are validated beforehand by torch.ops.tt.check_transform / check_match.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -7,7 +8,7 @@
 #include <type_traits>
 
 #include "cuda/transform_image.cuh"
-#include "serial_exec.h"
+#include "host_launch.h"
 
 namespace tt {
 namespace {
@@ -24,7 +25,7 @@ Mode parse_mode(c10::string_view m) {
 }
 
 template <typename metric_t, typename x_t, int V>
-void run(image::Step s, bool stage, bool packed, const at::Tensor& metric, const at::Tensor& score,
+void run(image::Step s, bool stage, bool packed, int threads, const at::Tensor& metric, const at::Tensor& score,
          const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
          const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
   stage = stage && s.needs_affinity;
@@ -47,10 +48,11 @@ void run(image::Step s, bool stage, bool packed, const at::Tensor& metric, const
     batch.first.x_out = x_out.data_ptr<x_t>();
     batch.first.size_out = size_out.data_ptr<float>();
   }
-  SharedMemory shared(image::layout(s).bytes(s, sizeof(metric_t), 1));
-  SerialExec ex;
-  for (int64_t b = 0; b < size.size(0); ++b)
-    image::transform_image<V>(ex, s, batch.image(s, b), shared.poisoned());
+  launch_on_host(size.size(0), threads,
+                 image::layout(s).bytes(s, sizeof(metric_t), host_warps(threads)),
+                 [&](auto& ex, int64_t b, void* shared) {
+                   image::transform_image<V>(ex, s, batch.image(s, b), shared);
+                 });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
@@ -58,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const std::optional<at::Tensor>& metric_in, const std::optional<at::Tensor>& score_in,
     int64_t r, c10::string_view method, int64_t k, double tau, double alpha,
     c10::string_view targets, int64_t prefix, c10::string_view mode, c10::string_view cost,
-    int64_t rows_per_chunk, bool stage, bool packed) {
+    int64_t rows_per_chunk, bool stage, bool packed, int64_t threads) {
   const at::Tensor& ref = metric_in.has_value() ? *metric_in : *score_in;
   Construction c{};
   c.method = parse_method(method);
@@ -92,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const bool vec = packed && x.defined() && image::pack_width<scalar_t>(x.data_ptr(), C) == V;
     const auto go = [&](auto metric_zero, auto width) {
       using metric_t = decltype(metric_zero);
-      run<metric_t, scalar_t, decltype(width)::value>(s, stage, packed, metric, score, size, dst,
-                                                     weight, x, x_out, size_out);
+      run<metric_t, scalar_t, decltype(width)::value>(s, stage, packed, static_cast<int>(threads),
+                                                     metric, score, size, dst, weight, x, x_out,
+                                                     size_out);
     };
     const bool same = !metric.defined() || metric.scalar_type() == x_type;
     if (same && vec) go(scalar_t{}, std::integral_constant<int, V>{});
@@ -110,7 +113,7 @@ TORCH_LIBRARY_FRAGMENT(tt_host, m) {
   m.def(
       "transform(Tensor? x, Tensor size, Tensor? metric, Tensor? score, int r, str method, int k, "
       "float tau, float alpha, str targets, int prefix, str mode, str cost, int rows_per_chunk, "
-      "bool stage, bool packed) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool stage, bool packed, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("transform", &transform_on_host); }
