@@ -85,12 +85,13 @@ def non_contiguous(t, kind="sliced"):
 
 @functools.cache
 def cuda_kernels_on_host():
-    """Builds tests/cuda_on_host (the CUDA kernels' per-image code with a serial executor) and
-    returns torch.ops.tt_host. About 20 s on 2 cores, once per session."""
+    """Builds tests/cuda_on_host (the CUDA kernels' per-image code with host executors) and
+    returns torch.ops.tt_host. About 30 s on 2 cores, once per session."""
     from torch.utils.cpp_extension import load
 
     here = Path(__file__).resolve().parent
-    load(name="tt_cuda_on_host", sources=sorted(str(p) for p in (here / "cuda_on_host").glob("*.cpp")),
+    sources = sorted(str(p) for p in (here / "cuda_on_host").glob("*.cpp"))
+    load(name="tt_cuda_on_host", sources=sources,
          extra_include_paths=[str(here.parent / "csrc"), str(here / "cuda_on_host")],
          extra_cflags=["-O2"], is_python_module=False)
     return torch.ops.tt_host

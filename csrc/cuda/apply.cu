@@ -11,6 +11,7 @@
 #include "../tt.h"
 #include "apply_image.cuh"
 #include "block.cuh"
+#include "launch.h"
 
 namespace tt {
 namespace {
@@ -65,9 +66,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
   const image::ApplyStep s{static_cast<int>(N), static_cast<int>(K), static_cast<int>(C),
                            static_cast<int>(n_out), how};
   const int64_t bytes = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, kWarps));
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        x.device().index()));
+  const int64_t limit = shared_memory_limit(x.device().index());
   TORCH_CHECK(bytes <= limit, "tt.apply: C = ", C, " channels and N * K = ", N * K,
               " entries need ", bytes, " bytes of shared memory, more than this GPU gives a "
               "block (", limit, "); use backend=\"triton\"");
@@ -76,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::
     constexpr int V = 16 / sizeof(scalar_t);
     const bool packed = image::pack_width<scalar_t>(x.data_ptr(), C) == V;
     const auto kernel = packed ? apply_kernel<scalar_t, V> : apply_kernel<scalar_t, 1>;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), x.device().index(), bytes);
     const image::ApplyImage<scalar_t> first{
         x.data_ptr<scalar_t>(), size.data_ptr<float>(), dst.data_ptr<int64_t>(),
         weight.data_ptr<float>(), out.data_ptr<scalar_t>(), size_out.data_ptr<float>()};

@@ -10,6 +10,7 @@
 
 #include "../tt.h"
 #include "block.cuh"
+#include "launch.h"
 #include "cls_attention_image.cuh"
 
 namespace tt {
@@ -42,10 +43,11 @@ at::Tensor cls_attention_cuda(const at::Tensor& q, const at::Tensor& k,
   if (out.numel() == 0) return out;
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   const int64_t bytes = N * static_cast<int64_t>(sizeof(float));
+  TORCH_CHECK(bytes <= shared_memory_limit(q.device().index()), "tt.cls_attention: N = ", N,
+              " keys do not fit in a block's shared memory; use backend=\"triton\"");
   TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "tt_cls_attention_cuda", [&] {
     const auto kernel = cls_attention_kernel<scalar_t>;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), q.device().index(), bytes);
     const image::Heads<scalar_t> first{
         q.data_ptr<scalar_t>(), q.stride(1), q.stride(3), k.data_ptr<scalar_t>(), k.stride(1),
         k.stride(2), k.stride(3), size.defined() ? size.data_ptr<float>() : nullptr,

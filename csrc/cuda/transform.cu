@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "block.cuh"
+#include "launch.h"
 #include "transform_image.cuh"
 
 namespace tt {
@@ -48,18 +49,12 @@ int64_t plan(const char* op, image::Step& s, const at::Tensor& metric, int64_t l
               "block (", limit, " bytes); use backend=\"triton\"");
 }
 
-int64_t shared_limit(const at::Tensor& t) {
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        t.device().index()));
-  return limit - kStaticShared;
-}
-
 template <typename metric_t, typename x_t>
 void launch(const char* op, image::Step s, const at::Tensor& metric, const at::Tensor& score,
             const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
             const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
-  const int64_t bytes = plan<metric_t>(op, s, metric, shared_limit(size));
+  const int device = size.device().index();
+  const int64_t bytes = plan<metric_t>(op, s, metric, shared_memory_limit(device) - kStaticShared);
   image::Batch<metric_t, x_t> batch{};
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
@@ -77,9 +72,9 @@ void launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
   }
   constexpr int V = 16 / sizeof(x_t);
   const bool packed = x.defined() && image::pack_width<x_t>(x.data_ptr(), s.C) == V;
-  const auto kernel = packed ? transform_kernel<metric_t, x_t, V> : transform_kernel<metric_t, x_t, 1>;
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  const auto kernel =
+      packed ? transform_kernel<metric_t, x_t, V> : transform_kernel<metric_t, x_t, 1>;
+  allow_shared_memory(reinterpret_cast<const void*>(kernel), device, bytes);
   kernel<<<size.size(0), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -191,7 +191,8 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
       inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
     });
   }
-  // Cosine of tokens i and t, or minus Ward's merge cost size_i size_t / (size_i + size_t) (1 - cos).
+  // Cosine of tokens i and t, or minus Ward's merge cost
+  // size_i size_t / (size_i + size_t) (1 - cos).
   const auto affinity = [&](int i, int t) {
     const metric_t* a = m + i * sn;
     const metric_t* b = m + t * sn;

@@ -25,9 +25,10 @@ Mode parse_mode(c10::string_view m) {
 }
 
 template <typename metric_t, typename x_t, int V>
-void run(image::Step s, bool stage, bool packed, int threads, const at::Tensor& metric, const at::Tensor& score,
-         const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
-         const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
+void run(image::Step s, bool stage, bool packed, int threads, const at::Tensor& metric,
+         const at::Tensor& score, const at::Tensor& size, const at::Tensor& dst,
+         const at::Tensor& weight, const at::Tensor& x, const at::Tensor& x_out,
+         const at::Tensor& size_out) {
   stage = stage && s.needs_affinity;
   s.metric_packed = s.needs_affinity && packed &&
                     image::metric_packs(s.D, stage, metric.data_ptr<metric_t>(), metric.stride(1),
