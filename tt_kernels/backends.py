@@ -11,6 +11,9 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 # records the run). None has yet: on CUDA tensors the default is the PyTorch reference, and the
 # compiled CUDA kernels are opt-in with backend="cuda".
 VERIFIED_ON_GPU = {"cuda": False, "triton": False}
+# For each op, the GPU backends fastest first (bench/results/gpu-*.json, `reduction_step` and the
+# B=256 cases); not measured yet, so the fused CUDA C++ kernels come first.
+GPU_ORDER = {op: ("cuda", "triton") for op in OPS}
 
 
 def _registered(key):
@@ -56,7 +59,7 @@ def build_info():
 def default_backend(op, device):
     if device.type == "cpu":
         return "cpu"
-    for name in ("cuda", "triton"):
+    for name in GPU_ORDER[op]:
         if VERIFIED_ON_GPU[name] and op in supported(name):
             return name
     return "reference"
