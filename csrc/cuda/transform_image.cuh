@@ -196,19 +196,18 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
   const auto affinity = [&](int i, int t) {
     const metric_t* a = m + i * sn;
     const metric_t* b = m + t * sn;
-    const float ni = inv_norm[i], nt = inv_norm[t];
     float dot = 0.f;
     if (s.metric_packed) {  // the same sums in the same order, from 16-byte loads
       constexpr int MV = 16 / sizeof(metric_t);
       for (int d = 0; d < D; d += MV) {
         const Pack<metric_t, MV> pa = load_pack<MV>(a + d), pb = load_pack<MV>(b + d);
         for (int v = 0; v < MV; ++v)
-          dot += (static_cast<float>(pa.v[v]) * ni) * (static_cast<float>(pb.v[v]) * nt);
+          dot += static_cast<float>(pa.v[v]) * static_cast<float>(pb.v[v]);
       }
     } else {
-      for (int d = 0; d < D; ++d)
-        dot += (static_cast<float>(a[d]) * ni) * (static_cast<float>(b[d]) * nt);
+      for (int d = 0; d < D; ++d) dot += static_cast<float>(a[d]) * static_cast<float>(b[d]);
     }
+    dot *= inv_norm[i] * inv_norm[t];
     if (!s.ward) return dot;
     const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
     return -(pair * (1.f - dot));
