@@ -14,6 +14,7 @@ Backends (the `tt` fixture), all called on the same CPU inputs:
                       shared memory or read in place, 16-byte packs or element by element; and
                       either serially or by a block of 64 host threads with CUDA's semantics.
 """
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -372,3 +373,36 @@ def test_channel_counts_off_the_vector_width(tt, D, C, dtype):
     _assert_same_T(got[2:], want[2:])
     torch.testing.assert_close(got[1], want[1], **SIZE_TOL)
     torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
+
+
+@functools.cache
+def _vit_tokens():
+    """Tokens and attention queries entering every block of a timm ViT-S/16 (random weights, no
+    download), for 8 random images."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    seen = []
+    hooks = [b.attn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+             for b in model.blocks]
+    with torch.no_grad():
+        model(torch.randn(8, 3, 224, 224))
+        queries = [blk.attn.qkv(t)[..., :384] for blk, t in zip(model.blocks, seen)]
+    for h in hooks:
+        h.remove()
+    return list(zip(seen, queries))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vit_tokens_default_construction(tt, dtype):
+    """patch()'s default step (queries, Ward, targets b, norm) on real ViT tokens of every block:
+    T equals the reference's, with no near ties broken differently."""
+    size = torch.ones(8, 197)
+    args = dict(r=16, method="transform", targets="b", mode="norm", cost="ward")
+    for tokens, queries in _vit_tokens():
+        x, metric = tokens.to(dtype), queries.to(dtype)
+        got = tt.transform(x, size, metric, None, **args)
+        want = reference.transform(x, size, metric, None, **args)
+        _assert_same_T(got[2:], want[2:])
+        torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
