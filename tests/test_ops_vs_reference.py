@@ -406,3 +406,27 @@ def test_vit_tokens_default_construction(tt, dtype):
         want = reference.transform(x, size, metric, None, **args)
         _assert_same_T(got[2:], want[2:])
         torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
+
+
+# transform.cu's budget on an H100 or H200: 227 KiB a block, less 1 KiB of static shared memory.
+HOPPER_SHARED = 227 * 1024 - 1024
+
+
+@pytest.mark.parametrize("N,D,dtype", [
+    (197, 384, torch.bfloat16),  # queries of DeiT-S: metric staged
+    (197, 384, torch.float32),  # too big to stage: read in place
+    (577, 64, torch.float16),  # ViT-L/16 at 384 px
+    (1370, 64, torch.float32),  # DINOv2 at 518 px: fewer affinity rows per chunk
+])
+def test_cuda_shared_memory_plans(N, D, dtype):
+    """The CUDA kernel's per-image code under the plan it makes on a Hopper GPU (transform.cu),
+    with canaries after the planned shared memory: the layout holds all it writes."""
+    host = cuda_kernels_on_host()
+    t = make_tokens(2, N, C=40, D=D, dtype=dtype, seed=N)
+    args = (N // 4, "transform", 2, 0.1, 0.0, "all", 1, "norm", "ward")
+    got = host.transform(t["x"], t["size"], t["metric"], None, *args, 0, False, False, 0,
+                         HOPPER_SHARED)
+    want = reference.transform(t["x"], t["size"], t["metric"], None, *args)
+    _assert_same_T(got[2:], want[2:])
+    torch.testing.assert_close(got[1], want[1], **SIZE_TOL)
+    torch.testing.assert_close(got[0], want[0], **x_tol(dtype))

@@ -17,7 +17,7 @@
 namespace tt {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = image::kBlockThreads;
 constexpr int64_t kStaticShared = 1024;  // BlockExec's reduction partials, with room to spare
 
 // V: x elements per load and store in the apply (16 bytes when x's rows are aligned).
@@ -29,24 +29,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   image::transform_image<V>(ex, s, batch.image(s, blockIdx.x), shared);
 }
 
-// Picks whether the metric is staged in shared memory (preferred) and the affinity rows per
-// chunk (largest first) within the device's shared memory; returns the dynamic shared bytes.
 template <typename metric_t>
 int64_t plan(const char* op, image::Step& s, const at::Tensor& metric, int64_t limit) {
-  for (const bool staged : {true, false}) {
-    if (staged && !s.needs_affinity) continue;
-    s.metric_packed = s.needs_affinity &&
-                      image::metric_packs(s.D, staged, metric.data_ptr<metric_t>(),
-                                          metric.stride(1), metric.stride(0));
-    s.metric_ld = staged ? image::staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
-    for (const int rows : {32, 8, 1}) {
-      s.rows_per_chunk = rows;
-      const int64_t bytes = image::layout(s).bytes(s, sizeof(metric_t), kThreads / 32);
-      if (bytes <= limit) return bytes;
-    }
-  }
-  TORCH_CHECK(false, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives a "
-              "block (", limit, " bytes); use backend=\"triton\"");
+  const metric_t* ptr = metric.defined() ? metric.data_ptr<metric_t>() : nullptr;
+  const int64_t bytes = image::plan(s, ptr, metric.defined() ? metric.stride(1) : 0,
+                                    metric.defined() ? metric.stride(0) : 0, limit,
+                                    kThreads / 32);
+  TORCH_CHECK(bytes > 0, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives "
+              "a block (", limit, " bytes); use backend=\"triton\"");
+  return bytes;
 }
 
 template <typename metric_t, typename x_t>

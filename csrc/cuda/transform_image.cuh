@@ -21,6 +21,7 @@ namespace image {
 
 constexpr float kNormEps = 1e-12f;
 constexpr int kNone = 0x7fffffff;  // no candidate: an index above every token
+constexpr int kBlockThreads = 256;  // of transform.cu's blocks
 constexpr float kScoreEps = 1e-30f;
 
 // What every image of a launch shares.
@@ -111,6 +112,26 @@ TT_HOST_DEVICE Layout layout(const Step& s) {
   l.sim = take(s.rows_per_chunk * s.N);
   l.words = at;
   return l;
+}
+
+// Picks whether the metric is staged in shared memory (preferred) and the affinity rows per chunk
+// (largest first) so that a block of `warps` warps fits in `limit` bytes; returns the dynamic
+// shared bytes, or 0 when nothing fits. `metric` (rows sn apart, images sb apart) may be null
+// when the construction reads no metric.
+template <typename metric_t>
+inline int64_t plan(Step& s, const metric_t* metric, int64_t sn, int64_t sb, int64_t limit,
+                    int warps) {
+  for (const bool staged : {true, false}) {
+    if (staged && !s.needs_affinity) continue;
+    s.metric_packed = s.needs_affinity && metric_packs(s.D, staged, metric, sn, sb);
+    s.metric_ld = staged ? staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
+    for (const int rows : {32, 8, 1}) {
+      s.rows_per_chunk = rows;
+      const int64_t bytes = layout(s).bytes(s, sizeof(metric_t), warps);
+      if (bytes <= limit) return bytes;
+    }
+  }
+  return 0;
 }
 
 // One image's tensors. x is null for tt.match; x and x_out are contiguous [N, C] / [n_out, C].

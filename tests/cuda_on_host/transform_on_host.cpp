@@ -1,6 +1,6 @@
 // tt_host.transform: csrc/cuda/transform_image.cuh, the CUDA kernel's per-image code, run on CPU
 // tensors (host_launch.h), with the plan (rows per chunk, staging, 16-byte packs, threads) chosen
-// by the test.
+// by the test, or (shared_limit > 0) the plan a GPU with that much shared memory would choose.
 // Arguments are validated beforehand by torch.ops.tt.check_transform / check_match.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -25,15 +25,21 @@ Mode parse_mode(c10::string_view m) {
 }
 
 template <typename metric_t, typename x_t, int V>
-void run(image::Step s, bool stage, bool packed, int threads, const at::Tensor& metric,
-         const at::Tensor& score, const at::Tensor& size, const at::Tensor& dst,
-         const at::Tensor& weight, const at::Tensor& x, const at::Tensor& x_out,
-         const at::Tensor& size_out) {
-  stage = stage && s.needs_affinity;
-  s.metric_packed = s.needs_affinity && packed &&
-                    image::metric_packs(s.D, stage, metric.data_ptr<metric_t>(), metric.stride(1),
-                                        metric.stride(0));
-  s.metric_ld = stage ? image::staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
+void run(image::Step s, bool stage, bool packed, int threads, int64_t shared_limit,
+         const at::Tensor& metric, const at::Tensor& score, const at::Tensor& size,
+         const at::Tensor& dst, const at::Tensor& weight, const at::Tensor& x,
+         const at::Tensor& x_out, const at::Tensor& size_out) {
+  const metric_t* ptr = metric.defined() ? metric.data_ptr<metric_t>() : nullptr;
+  const int64_t sn = metric.defined() ? metric.stride(1) : 0;
+  const int64_t sb = metric.defined() ? metric.stride(0) : 0;
+  if (shared_limit > 0) {  // the plan a GPU with this much shared memory per block would make
+    TORCH_CHECK(image::plan(s, ptr, sn, sb, shared_limit, image::kBlockThreads / 32) > 0,
+                "no plan fits ", shared_limit, " bytes");
+  } else {
+    stage = stage && s.needs_affinity;
+    s.metric_packed = s.needs_affinity && packed && image::metric_packs(s.D, stage, ptr, sn, sb);
+    s.metric_ld = stage ? image::staged_ld(s.D, sizeof(metric_t), s.metric_packed) : 0;
+  }
   image::Batch<metric_t, x_t> batch{};
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
@@ -61,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const std::optional<at::Tensor>& metric_in, const std::optional<at::Tensor>& score_in,
     int64_t r, c10::string_view method, int64_t k, double tau, double alpha,
     c10::string_view targets, int64_t prefix, c10::string_view mode, c10::string_view cost,
-    int64_t rows_per_chunk, bool stage, bool packed, int64_t threads) {
+    int64_t rows_per_chunk, bool stage, bool packed, int64_t threads, int64_t shared_limit) {
   const at::Tensor& ref = metric_in.has_value() ? *metric_in : *score_in;
   Construction c{};
   c.method = parse_method(method);
@@ -96,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     const auto go = [&](auto metric_zero, auto width) {
       using metric_t = decltype(metric_zero);
       run<metric_t, scalar_t, decltype(width)::value>(s, stage, packed, static_cast<int>(threads),
-                                                     metric, score, size, dst, weight, x, x_out,
-                                                     size_out);
+                                                     shared_limit, metric, score, size, dst,
+                                                     weight, x, x_out, size_out);
     };
     const bool same = !metric.defined() || metric.scalar_type() == x_type;
     if (same && vec) go(scalar_t{}, std::integral_constant<int, V>{});
@@ -114,7 +120,8 @@ TORCH_LIBRARY_FRAGMENT(tt_host, m) {
   m.def(
       "transform(Tensor? x, Tensor size, Tensor? metric, Tensor? score, int r, str method, int k, "
       "float tau, float alpha, str targets, int prefix, str mode, str cost, int rows_per_chunk, "
-      "bool stage, bool packed, int threads) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool stage, bool packed, int threads, int shared_limit=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tt_host, CPU, m) { m.impl("transform", &transform_on_host); }
