@@ -19,7 +19,9 @@
 #ifdef __CUDACC__
 #define TT_DEVICE __device__ __forceinline__
 #define TT_HOST_DEVICE __host__ __device__ inline
+#define TT_UNROLL(n) _Pragma(#n)
 #else
 #define TT_DEVICE inline
 #define TT_HOST_DEVICE inline
+#define TT_UNROLL(n)
 #endif

@@ -220,6 +220,7 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
     float dot = 0.f;
     if (s.metric_packed) {  // the same sums in the same order, from 16-byte loads
       constexpr int MV = 16 / sizeof(metric_t);
+      TT_UNROLL(unroll 2)  // registers: each step holds two packs
       for (int d = 0; d < D; d += MV) {
         const Pack<metric_t, MV> pa = load_pack<MV>(a + d), pb = load_pack<MV>(b + d);
         for (int v = 0; v < MV; ++v)
