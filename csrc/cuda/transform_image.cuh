@@ -20,9 +20,9 @@ namespace tt {
 namespace image {
 
 constexpr float kNormEps = 1e-12f;
-constexpr int kNone = 0x7fffffff;  // no candidate: an index above every token
-constexpr int kBlockThreads = 256;  // of transform.cu's blocks
 constexpr float kScoreEps = 1e-30f;
+constexpr int kNone = 0x7fffffff;   // no candidate: an index above every token
+constexpr int kBlockThreads = 256;  // of transform.cu's blocks
 
 // What every image of a launch shares.
 struct Step {
