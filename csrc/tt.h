@@ -53,6 +53,11 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
                                                   const std::optional<at::Tensor>& metric,
                                                   const std::optional<at::Tensor>& score,
                                                   const at::Tensor& size);
+// The CUDA apply on validated, contiguous inputs (CUDA builds only): tt.transform's fallback
+// when the apply does not fit in the fused block.
+std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at::Tensor& size,
+                                                   const at::Tensor& dst, const at::Tensor& weight,
+                                                   int64_t n_out, Mode mode);
 std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x, const at::Tensor& size,
                                                   const at::Tensor& dst, const at::Tensor& weight,
                                                   int64_t n_out, Mode mode);

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../tt.h"
 #include "apply_image.cuh"
 #include "block.cuh"
@@ -16,7 +18,7 @@
 namespace tt {
 namespace {
 
-// 8 warps a block, at least 2 blocks an SM: ptxas keeps the loops in registers (<= 128).
+// Up to 8 warps a block, at least 2 blocks an SM: ptxas keeps the loops in registers (<= 128).
 constexpr int kWarps = 8;
 constexpr int kRowsPerBlock = 4 * kWarps;
 
@@ -48,42 +50,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
                              out + b * N * C, t0, min(N, t0 + kRowsPerBlock));
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x_in, const at::Tensor& size_in,
-                                              const at::Tensor& dst_in,
-                                              const at::Tensor& weight_in, int64_t n_out,
-                                              c10::string_view mode) {
-  const Mode how = check_apply("tt.apply", x_in, size_in, dst_in, weight_in, n_out, mode);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto x = x_in.contiguous();
-  const auto size = size_in.contiguous();
-  const auto dst = dst_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
-  TORCH_CHECK(N * K < (int64_t{1} << 31), "tt.apply: N * K must fit in int32, got ", N * K);
-  auto out = at::empty({B, n_out, C}, x.options());
-  auto size_out = at::empty({B, n_out}, size.options());
-  if (B == 0 || n_out == 0) return {out, size_out};
-  const image::ApplyStep s{static_cast<int>(N), static_cast<int>(K), static_cast<int>(C),
-                           static_cast<int>(n_out), how};
-  const int64_t bytes = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, kWarps));
-  const int64_t limit = shared_memory_limit(x.device().index());
-  TORCH_CHECK(bytes <= limit, "tt.apply: C = ", C, " channels and N * K = ", N * K,
-              " entries need ", bytes, " bytes of shared memory, more than this GPU gives a "
-              "block (", limit, "); use backend=\"triton\"");
-  const int parts = ceil_div(n_out, kRowsPerBlock);
-  TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cuda", [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const bool packed = image::pack_width<scalar_t>(x.data_ptr(), C) == V;
-    const auto kernel = packed ? apply_kernel<scalar_t, V> : apply_kernel<scalar_t, 1>;
-    allow_shared_memory(reinterpret_cast<const void*>(kernel), x.device().index(), bytes);
-    const image::ApplyImage<scalar_t> first{
-        x.data_ptr<scalar_t>(), size.data_ptr<float>(), dst.data_ptr<int64_t>(),
-        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), size_out.data_ptr<float>()};
-    kernel<<<B * parts, kWarps * 32, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, first,
-                                                                                 parts);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, size_out};
+std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x, const at::Tensor& size,
+                                              const at::Tensor& dst, const at::Tensor& weight,
+                                              int64_t n_out, c10::string_view mode) {
+  const Mode how = check_apply("tt.apply", x, size, dst, weight, n_out, mode);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return apply_cuda_impl(x.contiguous(), size.contiguous(), dst.contiguous(),
+                         weight.contiguous(), n_out, how);
 }
 
 at::Tensor untransform_cuda(const at::Tensor& y_in, const at::Tensor& dst_in,
@@ -110,6 +83,40 @@ at::Tensor untransform_cuda(const at::Tensor& y_in, const at::Tensor& dst_in,
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at::Tensor& size,
+                                                   const at::Tensor& dst, const at::Tensor& weight,
+                                                   int64_t n_out, Mode mode) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
+  TORCH_CHECK(N * K < (int64_t{1} << 31), "tt.apply: N * K must fit in int32, got ", N * K);
+  auto out = at::empty({B, n_out, C}, x.options());
+  auto size_out = at::empty({B, n_out}, size.options());
+  if (B == 0 || n_out == 0) return {out, size_out};
+  const image::ApplyStep s{static_cast<int>(N), static_cast<int>(K), static_cast<int>(C),
+                           static_cast<int>(n_out), mode};
+  // As many warps (each with a row buffer of C floats) as the shared memory holds, up to kWarps.
+  const int64_t lists = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, 0));
+  const int64_t limit = shared_memory_limit(x.device().index());
+  const int warps =
+      static_cast<int>(C > 0 ? std::min<int64_t>(kWarps, (limit - lists) / (4 * C)) : kWarps);
+  TORCH_CHECK(warps >= 1, "tt.apply: C = ", C, " channels and N * K = ", N * K,
+              " entries need more shared memory than this GPU gives a block (", limit,
+              " bytes); use backend=\"triton\"");
+  const int64_t bytes = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, warps));
+  const int parts = ceil_div(n_out, kRowsPerBlock);
+  TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cuda", [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool packed = image::pack_width<scalar_t>(x.data_ptr(), C) == V;
+    const auto kernel = packed ? apply_kernel<scalar_t, V> : apply_kernel<scalar_t, 1>;
+    allow_shared_memory(reinterpret_cast<const void*>(kernel), x.device().index(), bytes);
+    const image::ApplyImage<scalar_t> first{
+        x.data_ptr<scalar_t>(), size.data_ptr<float>(), dst.data_ptr<int64_t>(),
+        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), size_out.data_ptr<float>()};
+    kernel<<<B * parts, warps * 32, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, first, parts);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, size_out};
+}
 
 TORCH_LIBRARY_IMPL(tt, CUDA, m) {
   m.impl("apply", &apply_cuda);

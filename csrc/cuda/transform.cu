@@ -1,6 +1,7 @@
 // CUDA tt.match and tt.transform: one thread block per image runs transform_image.cuh, the whole
 // reduction step (affinities, removed set, dst/weight and, for tt.transform, the apply) in one
-// launch on the current stream.
+// launch on the current stream. Where the apply's row buffers (C floats a warp) do not fit
+// beside the construction, tt.transform builds T in one launch and applies it in a second.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "block.cuh"
 #include "launch.h"
@@ -29,23 +32,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   image::transform_image<V>(ex, s, batch.image(s, blockIdx.x), shared);
 }
 
-template <typename metric_t>
-int64_t plan(const char* op, image::Step& s, const at::Tensor& metric, int64_t limit) {
-  const metric_t* ptr = metric.defined() ? metric.data_ptr<metric_t>() : nullptr;
-  const int64_t bytes = image::plan(s, ptr, metric.defined() ? metric.stride(1) : 0,
-                                    metric.defined() ? metric.stride(0) : 0, limit,
-                                    kThreads / 32);
-  TORCH_CHECK(bytes > 0, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives "
-              "a block (", limit, " bytes); use backend=\"triton\"");
-  return bytes;
-}
-
+// Launches the kernel; false when its shared memory does not fit (only checked with x: without
+// it, that is an error).
 template <typename metric_t, typename x_t>
-void launch(const char* op, image::Step s, const at::Tensor& metric, const at::Tensor& score,
+bool launch(const char* op, image::Step s, const at::Tensor& metric, const at::Tensor& score,
             const at::Tensor& size, const at::Tensor& dst, const at::Tensor& weight,
             const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
   const int device = size.device().index();
-  const int64_t bytes = plan<metric_t>(op, s, metric, shared_memory_limit(device) - kStaticShared);
+  const int64_t limit = shared_memory_limit(device) - kStaticShared;
+  const int64_t bytes = image::plan(
+      s, metric.defined() ? metric.data_ptr<metric_t>() : nullptr,
+      metric.defined() ? metric.stride(1) : 0, metric.defined() ? metric.stride(0) : 0, limit,
+      kThreads / 32);
+  if (bytes == 0 && x.defined()) return false;
+  TORCH_CHECK(bytes > 0, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives "
+              "a block (", limit, " bytes); use backend=\"triton\"");
   image::Batch<metric_t, x_t> batch{};
   if (metric.defined()) {
     batch.first.metric = metric.data_ptr<metric_t>();
@@ -68,11 +69,12 @@ void launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
   allow_shared_memory(reinterpret_cast<const void*>(kernel), device, bytes);
   kernel<<<size.size(0), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // Runs the kernel for x's dtype (the metric's when there is no x). A metric of another dtype is
-// widened to fp32, exactly, so that only five dtype pairs are compiled.
-void dispatch(const char* op, const image::Step& s, const std::optional<at::Tensor>& metric_in,
+// widened to fp32, exactly, so that only five dtype pairs are compiled. False: as launch.
+bool dispatch(const char* op, const image::Step& s, const std::optional<at::Tensor>& metric_in,
               const at::Tensor& score, const at::Tensor& size, const at::Tensor& dst,
               const at::Tensor& weight, const at::Tensor& x, const at::Tensor& x_out,
               const at::Tensor& size_out) {
@@ -81,12 +83,15 @@ void dispatch(const char* op, const image::Step& s, const std::optional<at::Tens
                                   : (metric.defined() ? metric.scalar_type() : at::kFloat);
   if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
   if (metric.defined() && metric.stride(2) != 1) metric = metric.contiguous();  // rows as vectors
+  bool launched = false;
   TT_DISPATCH_FLOAT_TYPES(x_type, "tt_transform_cuda", [&] {
-    if (!metric.defined() || metric.scalar_type() == x_type)
-      launch<scalar_t, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out, size_out);
-    else
-      launch<float, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out, size_out);
+    launched = !metric.defined() || metric.scalar_type() == x_type
+                   ? launch<scalar_t, scalar_t>(op, s, metric, score, size, dst, weight, x,
+                                                x_out, size_out)
+                   : launch<float, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out,
+                                             size_out);
   });
+  return launched;
 }
 
 at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
@@ -135,9 +140,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_cuda(
   auto x_out = at::empty({B, n_out, C}, x.options());
   auto size_out = at::empty({B, n_out}, fopts);
   if (B == 0 || N == 0) return {x_out, size_out, dst, weight};
-  const image::Step s =
-      image::make_step(c, metric.has_value() ? metric->size(2) : 0, C, how);
-  dispatch(op, s, metric, contiguous_or_empty(score), size, dst, weight, x, x_out, size_out);
+  image::Step s = image::make_step(c, metric.has_value() ? metric->size(2) : 0, C, how);
+  const at::Tensor score_c = contiguous_or_empty(score);
+  if (dispatch(op, s, metric, score_c, size, dst, weight, x, x_out, size_out))
+    return {x_out, size_out, dst, weight};
+  // The apply's row buffers do not fit beside T's construction: build T, then apply it apart.
+  s.C = 0;
+  dispatch(op, s, metric, score_c, size, dst, weight, {}, {}, {});
+  std::tie(x_out, size_out) = apply_cuda_impl(x, size, dst, weight, n_out, how);
   return {x_out, size_out, dst, weight};
 }
 
