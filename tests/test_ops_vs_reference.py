@@ -33,10 +33,14 @@ HOST_PLANS = {"cuda-on-host": (32, True, True, 0), "cuda-on-host-rows3": (3, Fal
 ALL = ["cpu", "cuda", *HOST_PLANS]
 
 
+def _to_cuda(v):
+    return v.cuda() if isinstance(v, torch.Tensor) else v
+
+
 def _on_cuda(fn):
+    """fn on CUDA copies of its tensor arguments, with its outputs back on the CPU."""
     def run(*args, **kwargs):
-        to = lambda v: v.cuda() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        out = fn(*map(to, args), **{k: to(v) for k, v in kwargs.items()})
+        out = fn(*map(_to_cuda, args), **{k: _to_cuda(v) for k, v in kwargs.items()})
         return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
     return run
 
