@@ -72,15 +72,6 @@ void check_size_values(const char* op, const at::Tensor& size) {
   check_values((size >= 0).all(), c10::str(op, ": `size` must be non-negative"));
 }
 
-Method parse_method(const char* op, c10::string_view method) {
-  if (method == "prune") return Method::Prune;
-  if (method == "evit") return Method::Evit;
-  if (method == "tome") return Method::Tome;
-  if (method == "transform") return Method::Transform;
-  TORCH_CHECK_VALUE(false, op, ": `method` must be one of prune, evit, tome, transform, got '",
-                    std::string(method), "'");
-}
-
 void check_sparse(const char* op, const at::Tensor& dst, const at::Tensor& weight, int64_t batch,
                   int64_t tokens, int64_t n_out, const at::Tensor& ref) {
   TORCH_CHECK(dst.dim() == 3 && dst.size(0) == batch && dst.size(1) == tokens, op,
@@ -186,14 +177,6 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
                     " and prefix = ", prefix, ", got ", r);
   c.r = r;
   return c;
-}
-
-static Mode parse_mode(const char* op, c10::string_view mode) {
-  if (mode == "sum") return Mode::Sum;
-  if (mode == "mean") return Mode::Mean;
-  if (mode == "norm") return Mode::Norm;
-  TORCH_CHECK_VALUE(false, op, ": `mode` must be 'mean', 'norm' or 'sum', got '",
-                    std::string(mode), "'");
 }
 
 Mode check_apply(const char* op, const at::Tensor& x, const at::Tensor& size, const at::Tensor& dst,

@@ -6,6 +6,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <string>
 
 // The dtypes of x, metric, q and k (the checks reject others), for AT_DISPATCH_SWITCH: no kernel
 // is compiled for double.
@@ -21,6 +22,23 @@ enum class Method { Prune, Evit, Tome, Transform };
 // How apply combines what an output row receives: plain sum (T X), size-weighted mean, or that
 // mean rescaled to the size-weighted mean of its inputs' norms.
 enum class Mode { Sum, Mean, Norm };
+
+inline Method parse_method(const char* op, c10::string_view method) {
+  if (method == "prune") return Method::Prune;
+  if (method == "evit") return Method::Evit;
+  if (method == "tome") return Method::Tome;
+  if (method == "transform") return Method::Transform;
+  TORCH_CHECK_VALUE(false, op, ": `method` must be one of prune, evit, tome, transform, got '",
+                    std::string(method), "'");
+}
+
+inline Mode parse_mode(const char* op, c10::string_view mode) {
+  if (mode == "sum") return Mode::Sum;
+  if (mode == "mean") return Mode::Mean;
+  if (mode == "norm") return Mode::Norm;
+  TORCH_CHECK_VALUE(false, op, ": `mode` must be 'mean', 'norm' or 'sum', got '",
+                    std::string(mode), "'");
+}
 
 // A construction of T, validated. K is the number of slots per input token.
 struct Construction {

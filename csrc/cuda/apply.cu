@@ -31,12 +31,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   const int64_t b = blockIdx.x / parts;
   const int row0 = (blockIdx.x % parts) * kRowsPerBlock;
   const int row1 = min(s.n_out, row0 + kRowsPerBlock);
-  const int64_t nk = static_cast<int64_t>(s.N) * s.K;
-  const image::ApplyImage<x_t> im{first.x + b * s.N * s.C, first.size + b * s.N,
-                                  first.dst + b * nk, first.weight + b * nk,
-                                  first.x_out + b * s.n_out * s.C, first.size_out + b * s.n_out};
   BlockExec ex;
-  image::apply_rows<V>(ex, s, im, row0, row1, shared);
+  image::apply_rows<V>(ex, s, first.image(s, b), row0, row1, shared);
 }
 
 template <typename x_t, int V>

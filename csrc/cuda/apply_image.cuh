@@ -54,6 +54,13 @@ struct ApplyImage {
   const float* weight;
   x_t* x_out;  // [n_out, C]
   float* size_out;
+
+  // Image b of a batch that starts here.
+  TT_DEVICE ApplyImage image(const ApplyStep& s, int64_t b) const {
+    const int64_t nk = static_cast<int64_t>(s.N) * s.K;
+    return {x + b * s.N * s.C, size + b * s.N, dst + b * nk, weight + b * nk,
+            x_out + b * s.n_out * s.C, size_out + b * s.n_out};
+  }
 };
 
 // Shared words for `rows` output rows and `warps` warps.

@@ -2,7 +2,6 @@
 // reduction step (affinities, removed set, dst/weight and, for tt.transform, the apply) in one
 // launch on the current stream. Where the apply's row buffers (C floats a warp) do not fit
 // beside the construction, tt.transform builds T in one launch and applies it in a second.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
@@ -40,28 +39,12 @@ bool launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
             const at::Tensor& x, const at::Tensor& x_out, const at::Tensor& size_out) {
   const int device = size.device().index();
   const int64_t limit = shared_memory_limit(device) - kStaticShared;
-  const int64_t bytes = image::plan(
-      s, metric.defined() ? metric.data_ptr<metric_t>() : nullptr,
-      metric.defined() ? metric.stride(1) : 0, metric.defined() ? metric.stride(0) : 0, limit,
-      kThreads / 32);
+  const int64_t bytes = image::plan_for<metric_t>(s, metric, limit, kThreads / 32);
   if (bytes == 0 && x.defined()) return false;
   TORCH_CHECK(bytes > 0, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives "
               "a block (", limit, " bytes); use backend=\"triton\"");
-  image::Batch<metric_t, x_t> batch{};
-  if (metric.defined()) {
-    batch.first.metric = metric.data_ptr<metric_t>();
-    batch.first.metric_sn = metric.stride(1);
-    batch.metric_sb = metric.stride(0);
-  }
-  batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
-  batch.first.size = size.data_ptr<float>();
-  batch.first.dst = dst.data_ptr<int64_t>();
-  batch.first.weight = weight.data_ptr<float>();
-  if (x.defined()) {
-    batch.first.x = x.data_ptr<x_t>();
-    batch.first.x_out = x_out.data_ptr<x_t>();
-    batch.first.size_out = size_out.data_ptr<float>();
-  }
+  const auto batch =
+      image::make_batch<metric_t, x_t>(metric, score, size, dst, weight, x, x_out, size_out);
   constexpr int V = 16 / sizeof(x_t);
   const bool packed = x.defined() && image::pack_width<x_t>(x.data_ptr(), s.C) == V;
   const auto kernel =
@@ -72,24 +55,18 @@ bool launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
   return true;
 }
 
-// Runs the kernel for x's dtype (the metric's when there is no x). A metric of another dtype is
-// widened to fp32, exactly, so that only five dtype pairs are compiled. False: as launch.
+// Runs the kernel in x's dtype (the metric's when there is no x). False: as launch.
 bool dispatch(const char* op, const image::Step& s, const std::optional<at::Tensor>& metric_in,
               const at::Tensor& score, const at::Tensor& size, const at::Tensor& dst,
               const at::Tensor& weight, const at::Tensor& x, const at::Tensor& x_out,
               const at::Tensor& size_out) {
-  at::Tensor metric = metric_in.has_value() ? *metric_in : at::Tensor();
-  const auto x_type = x.defined() ? x.scalar_type()
-                                  : (metric.defined() ? metric.scalar_type() : at::kFloat);
-  if (metric.defined() && metric.scalar_type() != x_type) metric = metric.to(at::kFloat);
-  if (metric.defined() && metric.stride(2) != 1) metric = metric.contiguous();  // rows as vectors
+  const at::Tensor given = metric_in.has_value() ? *metric_in : at::Tensor();
+  const auto dtype = image::launch_dtype(x, given);
+  const at::Tensor metric = image::kernel_metric(given, dtype);
   bool launched = false;
-  TT_DISPATCH_FLOAT_TYPES(x_type, "tt_transform_cuda", [&] {
-    launched = !metric.defined() || metric.scalar_type() == x_type
-                   ? launch<scalar_t, scalar_t>(op, s, metric, score, size, dst, weight, x,
-                                                x_out, size_out)
-                   : launch<float, scalar_t>(op, s, metric, score, size, dst, weight, x, x_out,
-                                             size_out);
+  image::dispatch_dtypes(dtype, metric, [&](auto metric_zero, auto x_zero) {
+    launched = launch<decltype(metric_zero), decltype(x_zero)>(op, s, metric, score, size, dst,
+                                                               weight, x, x_out, size_out);
   });
   return launched;
 }

@@ -5,6 +5,7 @@
 // image; tests/cuda_on_host/ runs the same source on the CPU (see portable.h).
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -169,6 +170,63 @@ struct Batch {
     return im;
   }
 };
+
+// Host side of a launch (transform.cu, and tests/cuda_on_host).
+
+// The dtype a launch runs in: x's, else the metric's (tt.match), else fp32.
+inline at::ScalarType launch_dtype(const at::Tensor& x, const at::Tensor& metric) {
+  return x.defined() ? x.scalar_type() : metric.defined() ? metric.scalar_type() : at::kFloat;
+}
+
+// The metric as the kernels read it: in the launch dtype or else widened to fp32 (exactly), so
+// that only five dtype pairs are compiled; channels contiguous, so that rows load as vectors.
+inline at::Tensor kernel_metric(at::Tensor metric, at::ScalarType dtype) {
+  if (!metric.defined()) return metric;
+  if (metric.scalar_type() != dtype) metric = metric.to(at::kFloat);
+  return metric.stride(2) == 1 ? metric : metric.contiguous();
+}
+
+// f(metric_t{}, x_t{}) for the launch's dtype pair (metric from kernel_metric).
+template <typename F>
+void dispatch_dtypes(at::ScalarType dtype, const at::Tensor& metric, F f) {
+  TT_DISPATCH_FLOAT_TYPES(dtype, "tt_transform", [&] {
+    if (!metric.defined() || metric.scalar_type() == dtype)
+      f(scalar_t{}, scalar_t{});
+    else
+      f(float{}, scalar_t{});
+  });
+}
+
+// The kernels' view of a batch; score, x, x_out and size_out may be undefined.
+template <typename metric_t, typename x_t>
+Batch<metric_t, x_t> make_batch(const at::Tensor& metric, const at::Tensor& score,
+                                const at::Tensor& size, const at::Tensor& dst,
+                                const at::Tensor& weight, const at::Tensor& x,
+                                const at::Tensor& x_out, const at::Tensor& size_out) {
+  Batch<metric_t, x_t> batch{};
+  if (metric.defined()) {
+    batch.first.metric = metric.data_ptr<metric_t>();
+    batch.first.metric_sn = metric.stride(1);
+    batch.metric_sb = metric.stride(0);
+  }
+  batch.first.score = score.defined() ? score.data_ptr<float>() : nullptr;
+  batch.first.size = size.data_ptr<float>();
+  batch.first.dst = dst.data_ptr<int64_t>();
+  batch.first.weight = weight.data_ptr<float>();
+  if (x.defined()) {
+    batch.first.x = x.data_ptr<x_t>();
+    batch.first.x_out = x_out.data_ptr<x_t>();
+    batch.first.size_out = size_out.data_ptr<float>();
+  }
+  return batch;
+}
+
+// image::plan for a metric tensor (possibly undefined).
+template <typename metric_t>
+int64_t plan_for(Step& s, const at::Tensor& metric, int64_t limit, int warps) {
+  if (!metric.defined()) return plan<metric_t>(s, nullptr, 0, 0, limit, warps);
+  return plan(s, metric.data_ptr<metric_t>(), metric.stride(1), metric.stride(0), limit, warps);
+}
 
 template <int V, typename Exec, typename metric_t, typename x_t>
 TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_t>& im,

@@ -16,21 +16,16 @@ template <typename x_t, int V>
 void apply_all(const image::ApplyStep& s, const at::Tensor& x, const at::Tensor& size,
                const at::Tensor& dst, const at::Tensor& weight, const at::Tensor& out,
                const at::Tensor& size_out, int rows_per_block, int threads) {
-  const int64_t nk = static_cast<int64_t>(s.N) * s.K;
   const int64_t bytes = 4 * static_cast<int64_t>(
                                 image::apply_words(s, rows_per_block, host_warps(threads)));
+  const image::ApplyImage<x_t> first{x.data_ptr<x_t>(),      size.data_ptr<float>(),
+                                     dst.data_ptr<int64_t>(), weight.data_ptr<float>(),
+                                     out.data_ptr<x_t>(),    size_out.data_ptr<float>()};
   launch_on_host(x.size(0), threads, bytes, [&](auto& ex, int64_t b, void* shared) {
-    const image::ApplyImage<x_t> im{
-        x.data_ptr<x_t>() + b * s.N * s.C, size.data_ptr<float>() + b * s.N,
-        dst.data_ptr<int64_t>() + b * nk, weight.data_ptr<float>() + b * nk,
-        out.data_ptr<x_t>() + b * s.n_out * s.C, size_out.data_ptr<float>() + b * s.n_out};
+    const image::ApplyImage<x_t> im = first.image(s, b);
     for (int row0 = 0; row0 < s.n_out; row0 += rows_per_block)
       image::apply_rows<V>(ex, s, im, row0, std::min(s.n_out, row0 + rows_per_block), shared);
   });
-}
-
-Mode parse_mode(c10::string_view m) {
-  return m == "sum" ? Mode::Sum : m == "norm" ? Mode::Norm : Mode::Mean;
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_on_host(const at::Tensor& x_in,
@@ -45,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> apply_on_host(const at::Tensor& x_in,
   const auto weight = weight_in.contiguous();
   const image::ApplyStep s{static_cast<int>(x.size(1)), static_cast<int>(dst.size(2)),
                            static_cast<int>(x.size(2)), static_cast<int>(n_out),
-                           parse_mode(mode)};
+                           parse_mode("tt_host.apply", mode)};
   auto out = at::full({x.size(0), n_out, x.size(2)}, NAN, x.options());
   auto size_out = at::full({x.size(0), n_out}, NAN, size.options());
   TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "apply_on_host", [&] {
