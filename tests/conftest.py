@@ -1,6 +1,9 @@
 """Shared helpers of the tt_kernels tests: inputs that look like ViT tokens, and tolerances."""
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -83,15 +86,37 @@ def non_contiguous(t, kind="sliced"):
     return view
 
 
-@functools.cache
-def cuda_kernels_on_host():
-    """Builds tests/cuda_on_host (the CUDA kernels' per-image code with host executors) and
-    returns torch.ops.tt_host. About 30 s on 2 cores, once per session."""
+def _build_cuda_kernels_on_host():
     from torch.utils.cpp_extension import load
 
     here = Path(__file__).resolve().parent
     sources = sorted(str(p) for p in (here / "cuda_on_host").glob("*.cpp"))
-    load(name="tt_cuda_on_host", sources=sources,
+    # A folder of this run's own: torch's shared cache (~/.cache/torch_extensions) is keyed by name
+    # only, and a run killed while building there leaves a lock that every later run waits on.
+    build = tempfile.mkdtemp(prefix="tt_cuda_on_host-")
+    atexit.register(shutil.rmtree, build, ignore_errors=True)
+    # threaded_exec.h needs C++20 (std::barrier, std::atomic_ref); torch 2.11's loader asks for
+    # C++17, 2.14's for C++20, and the last -std flag wins.
+    load(name="tt_cuda_on_host", sources=sources, build_directory=build,
          extra_include_paths=[str(here.parent / "csrc"), str(here / "cuda_on_host")],
-         extra_cflags=["-O2"], is_python_module=False)
+         extra_cflags=["-O2", "-std=c++20"], is_python_module=False)
+
+
+@functools.cache
+def _cuda_kernels_on_host_build():
+    """The build's outcome, failure included, so a broken build fails every test at once instead
+    of being retried by each."""
+    try:
+        _build_cuda_kernels_on_host()
+        return None
+    except Exception as error:  # noqa: BLE001  (re-raised by every caller)
+        return error
+
+
+def cuda_kernels_on_host():
+    """Builds tests/cuda_on_host (the CUDA kernels' per-image code with host executors) once per
+    run and returns torch.ops.tt_host. About 30 s on 2 cores."""
+    error = _cuda_kernels_on_host_build()
+    if error is not None:
+        raise RuntimeError("building tests/cuda_on_host failed (see the first failure)") from error
     return torch.ops.tt_host
