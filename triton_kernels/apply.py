@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
+
 
 @triton.jit
 def build_rows(dst_ptr, weight_ptr, start_ptr, entry_ptr, NK, N_OUT, NKP: tl.constexpr,

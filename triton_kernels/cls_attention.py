@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
+
 
 @triton.jit
 def cls_attention_kernel(q_ptr, k_ptr, size_ptr, out_ptr, H, N, D, scale, s_qb, s_qh, s_qd,

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
 from .apply import build_rows
 
 PRUNE, EVIT, TOME, TRANSFORM = 0, 1, 2, 3

@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
+
 
 @triton.jit
 def untransform_kernel(y_ptr, dst_ptr, weight_ptr, out_ptr, N, N_Y, C, s_yb, s_yn, s_yc,
