@@ -218,8 +218,6 @@ double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
               ": `k` must have shape [B, H, N, Dh] matching q ", q.sizes(), ", got ", k.sizes());
   check_device(op, "k", k, q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": `k` must have q's dtype ",
-              q.scalar_type(), ", got ", k.scalar_type());
   if (size.has_value()) {
     check_fp32(op, "size", *size, {k.size(0), k.size(2)});
     check_device(op, "size", *size, q);

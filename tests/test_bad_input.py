@@ -122,7 +122,7 @@ OP_CASES = [
     ("match-metric-int", lambda g: g.match(metric=g.metric.long()), "metric"),
     ("match-score-f64", lambda g: g.match(score=g.score.double(), method="prune"), "score"),
     ("match-score-nan", lambda g: g.match(score=_with_nan(g.score), method="evit"), "score"),
-    ("cls_attention-k-dtype", lambda g: g.cls_attention(k=g.k.half()), "k"),
+    ("cls_attention-k-f64", lambda g: g.cls_attention(k=g.k.double()), "k"),
     ("cls_attention-scale-inf", lambda g: g.cls_attention(scale=float("inf")), "scale"),
     # unknown names
     ("match-method", lambda g: g.match(method="merge"), "method"),

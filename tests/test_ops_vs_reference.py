@@ -379,6 +379,45 @@ def test_channel_counts_off_the_vector_width(tt, D, C, dtype):
     torch.testing.assert_close(got[0], want[0], **x_tol(dtype))
 
 
+# (x or q, metric or k): autocast gives bf16/fp16 queries and keys beside an fp32 residual stream,
+# and fp16/bf16 weights give the reverse under fp32 operands.
+MIXED_DTYPES = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("x_dtype,metric_dtype", MIXED_DTYPES)
+def test_mixed_dtypes(tt, x_dtype, metric_dtype):
+    """Each of x, metric, q and k in its own dtype; results in x's (scores in fp32)."""
+    t = make_tokens(3, 197, seed=11)
+    x, metric = t["x"].to(x_dtype), t["metric"].to(metric_dtype)
+    args = dict(r=40, method="transform", k=2, alpha=0.5, targets="b", mode="norm", cost="ward")
+    got = tt.transform(x, t["size"], metric, t["score"], **args)
+    want = reference.transform(x, t["size"], metric, t["score"], **args)
+    assert got[0].dtype == x_dtype
+    _assert_same_T(got[2:], want[2:])
+    torch.testing.assert_close(got[0], want[0], **x_tol(x_dtype))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 197, 16, generator=g).to(x_dtype)
+    k = torch.randn(3, 4, 197, 16, generator=g).to(metric_dtype)
+    score = tt.cls_attention(q, k, t["size"])
+    assert score.dtype == torch.float32
+    torch.testing.assert_close(score, reference.cls_attention(q, k, t["size"]), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["match", "match_evit", "transform", "apply", "untransform",
+                                "cls_attention"])
+def test_autocast_changes_nothing(op):
+    """The ops take each input in its own dtype, so autocast has nothing to cast, and the GEMMs
+    inside the CPU kernels stay fp32 (csrc/autocast.cpp)."""
+    fn, tensors, kwargs = _op_calls(torch.float32)[op]
+    want = fn(*tensors, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(*tensors, **kwargs)
+    for g, w in zip(*((got, want) if isinstance(got, tuple) else ((got,), (want,)))):
+        assert torch.equal(g, w)
+
+
 @functools.cache
 def _vit_tokens():
     """Tokens and attention queries entering every block of a timm ViT-S/16 (random weights, no

@@ -105,12 +105,22 @@ def _checked_reference(op):
     return checked
 
 
+def _without_autocast(run, device):
+    """`run` with autocast off, as the compiled ops run (csrc/autocast.cpp): every op takes each
+    input in its own dtype and accumulates in fp32, and a GEMM inside must not drop to bf16."""
+    def call(*args):
+        with torch.autocast(device.type, enabled=False):
+            return run(*args)
+
+    return call
+
+
 def implementation(op, backend, device):
     """The function that runs `op` with the backend chosen for `device` (same signature as the
     torch.ops.tt op)."""
     which = resolve(op, backend, device)
     if which == "reference":
-        return _checked_reference(op)
+        return _without_autocast(_checked_reference(op), device)
     if which == "triton":
-        return triton_kernels.kernel(op)
+        return _without_autocast(triton_kernels.kernel(op), device)
     return getattr(ops, op)

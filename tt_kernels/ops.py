@@ -117,3 +117,17 @@ def _untransform_grad(ctx, grad):
 
 torch.library.register_autograd("tt::untransform", _untransform_grad,
                                 setup_context=_untransform_setup)
+
+# T and the importance score are chosen, not computed smoothly: match and cls_attention have no
+# gradient. Their kernels run below autograd and their outputs never require grad.
+def _constant_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+    ctx.n_inputs = len(inputs)
+
+
+def _no_grad(ctx, *grads):
+    return (None,) * ctx.n_inputs
+
+
+for _op in ("match", "cls_attention"):
+    torch.library.register_autograd(f"tt::{_op}", _no_grad, setup_context=_constant_setup)

@@ -18,13 +18,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
+template <typename Q, typename K>
 __global__ void __launch_bounds__(kThreads, 1)
-    cls_attention_kernel(int H, int N, int D, float scale, image::Heads<T> first, int64_t q_sb,
-                         int64_t k_sb) {
+    cls_attention_kernel(int H, int N, int D, float scale, image::Heads<Q, K> first,
+                         int64_t q_sb, int64_t k_sb) {
   extern __shared__ float logits[];
   const int64_t b = blockIdx.x;
-  image::Heads<T> im = first;
+  image::Heads<Q, K> im = first;
   im.q += b * q_sb;
   im.k += b * k_sb;
   if (im.size) im.size += b * N;
@@ -45,15 +45,18 @@ at::Tensor cls_attention_cuda(const at::Tensor& q, const at::Tensor& k,
   const int64_t bytes = N * static_cast<int64_t>(sizeof(float));
   TORCH_CHECK(bytes <= shared_memory_limit(q.device().index()), "tt.cls_attention: N = ", N,
               " keys do not fit in a block's shared memory; use backend=\"triton\"");
-  TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "tt_cls_attention_cuda", [&] {
-    const auto kernel = cls_attention_kernel<scalar_t>;
+  const at::Tensor queries = image::kernel_queries(q, k);
+  image::dispatch_heads(queries, k, [&](auto q_zero, auto k_zero) {
+    using Q = decltype(q_zero);
+    using K = decltype(k_zero);
+    const auto kernel = cls_attention_kernel<Q, K>;
     allow_shared_memory(reinterpret_cast<const void*>(kernel), q.device().index(), bytes);
-    const image::Heads<scalar_t> first{
-        q.data_ptr<scalar_t>(), q.stride(1), q.stride(3), k.data_ptr<scalar_t>(), k.stride(1),
-        k.stride(2), k.stride(3), size.defined() ? size.data_ptr<float>() : nullptr,
+    const image::Heads<Q, K> first{
+        queries.data_ptr<Q>(), queries.stride(1), queries.stride(3), k.data_ptr<K>(),
+        k.stride(1), k.stride(2), k.stride(3), size.defined() ? size.data_ptr<float>() : nullptr,
         out.data_ptr<float>()};
-    kernel<<<B, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(H, N, D, s, first,
-                                                                       q.stride(0), k.stride(0));
+    kernel<<<B, kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        H, N, D, s, first, queries.stride(0), k.stride(0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -2,32 +2,35 @@
 // per key for the logits, then a block softmax (executors: portable.h).
 #pragma once
 
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
 
+#include "../tt.h"
 #include "portable.h"
 
 namespace tt {
 namespace image {
 
 // q and k of one image, with their strides over heads, tokens and channels.
-template <typename T>
+template <typename Q, typename K>
 struct Heads {
-  const T* q;
+  const Q* q;
   int64_t q_sh, q_sd;
-  const T* k;
+  const K* k;
   int64_t k_sh, k_sn, k_sd;
   const float* size;  // null: no proportional-attention bias
   float* out;         // [N]
 };
 
 // `logits` is N floats of shared memory.
-template <typename Exec, typename T>
+template <typename Exec, typename Q, typename K>
 TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int D, float scale,
-                                   const Heads<T>& im, float* logits) {
+                                   const Heads<Q, K>& im, float* logits) {
   ex.for_each(N, [&](int j) { im.out[j] = 0.f; });
   for (int h = 0; h < H; ++h) {
     ex.for_each_warp(N, [&](int j, int lane, int lanes, int) {
@@ -43,6 +46,25 @@ TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int D, float scale,
     ex.for_each(N, [&](int j) { im.out[j] += expf(logits[j] - peak) / total; });
   }
   ex.for_each(N, [&](int j) { im.out[j] /= H; });
+}
+
+// Host side of a launch (cls_attention.cu, and tests/cuda_on_host).
+
+// The queries as the kernels read them: in k's dtype, or else (autocast may give them another)
+// the class token's row widened to fp32, exactly, so that five dtype pairs are compiled, not nine.
+inline at::Tensor kernel_queries(const at::Tensor& q, const at::Tensor& k) {
+  return q.scalar_type() == k.scalar_type() ? q : q.narrow(2, 0, 1).to(at::kFloat);
+}
+
+// f(q_t{}, k_t{}) for the launch's dtype pair (q from kernel_queries).
+template <typename F>
+void dispatch_heads(const at::Tensor& q, const at::Tensor& k, F f) {
+  TT_DISPATCH_FLOAT_TYPES(k.scalar_type(), "tt_cls_attention", [&] {
+    if (q.scalar_type() == k.scalar_type())
+      f(scalar_t{}, scalar_t{});
+    else
+      f(float{}, scalar_t{});
+  });
 }
 
 }  // namespace image
