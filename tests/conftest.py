@@ -17,19 +17,53 @@ import tt_kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Outputs in x's dtype: both sides accumulate in fp32 and round once, so they may differ by about
-# one unit in the last place of the dtype.
-_X_TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
-WEIGHT_TOL = dict(rtol=1e-6, atol=1e-6)  # fp32 weights (evit's can exceed 1) and scores
-SIZE_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 sizes (sums of several sizes)
+# Tolerances are bounds from the arithmetic, never what one machine printed. u is a dtype's unit
+# roundoff: one rounding moves a value by at most u of itself. A sum of n fp32 terms, in any order,
+# errs by at most (n - 1) u times the sum of the terms' magnitudes (Higham, Accuracy and Stability
+# of Numerical Algorithms, 2nd ed., section 3.1), so kernels and the reference, which sum in other
+# orders (and BLAS in another order on each CPU), may differ by twice that. The reference builds T
+# in float64: its own error is nil beside the kernels' fp32 one.
+U32 = torch.finfo(torch.float32).eps / 2
 
 
-def x_tol(dtype):
-    return _X_TOL[dtype]
+def unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+def cosine_error(D):
+    """Bound on an fp32 cosine of two D-long vectors against the exact one: D u from the dot
+    product's sum (relative to |a| |b|), D u from the two sums of squares (halved by the square
+    roots, counted whole), and a few u from the products and quotients."""
+    return (2 * D + 6) * U32
+
+
+def weight_tol(D=16, tau=0.1, size_max=4.0, N=257):
+    """T's fp32 weights against the float64 reference's, dst being equal. A softmax weight moves by
+    at most eps / (2 tau) when its affinities move by at most eps (|dw_i| = w_i |da_i - sum_j w_j
+    da_j| / tau <= w_i (1 - w_i) 2 eps / tau); an affinity errs by the cosine's error, times Ward's
+    size_i size_j / (size_i + size_j) <= size_max / 2. evit's weights are quotients of N-term
+    sums: (2N + 4) u of themselves. Weights of 0 or 1 (prune, tome, k = 1) come out exact."""
+    pair = max(size_max / 2, 1.0)
+    return dict(atol=pair * cosine_error(D) / (2 * tau), rtol=(2 * N + 4) * U32)
+
+
+def sum_tol(terms):
+    """Sums of `terms` non-negative fp32 products (sizes): (terms - 1) u of the sum, per side."""
+    return dict(rtol=2 * terms * U32, atol=0.0)
+
+
+def x_tol(dtype, terms=257, channels=24, magnitude=5.0):
+    """Outputs in x's dtype that mix at most `terms` inputs with weights summing to 1 (mode mean;
+    norm rescales by norms of `channels`-long rows): both sides' fp32 sums err by (terms + 2
+    channels + 4) u of the largest |x|, and each then rounds once to the dtype (u of itself).
+    make_tokens draws x from N(0, 1) with fixed seeds: |x| < 5."""
+    fp32 = 2 * (terms + 2 * channels + 4) * U32 * magnitude
+    return dict(rtol=2 * unit_roundoff(dtype) + fp32 / magnitude, atol=fp32)
+
+
+# make_tokens' inputs: D = 16, C = 24, sizes in [1, 4], N <= 257, tau = 0.1.
+WEIGHT_TOL = weight_tol()
+SIZE_TOL = sum_tol(257)
 
 
 def construction_kwargs(method, k=1, alpha=0.0, targets="all", tau=0.1, cost="cosine"):

@@ -1,6 +1,7 @@
 // CPU constructions of T (tt.match) and the fused reduction step (tt.transform). The cosine
-// similarities come from one batched GEMM, and every affinity is computed exactly as the
-// reference does, so that selections (and ties, which go to the lower index) agree bit for bit.
+// similarities come from one batched fp32 GEMM and every affinity follows the reference's formula,
+// so selections are the reference's (float64) except between affinities within fp32 rounding of
+// each other; exact ties go to the lower index in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -4,6 +4,11 @@ Every construction returns ``dst`` int64 [B, N, K] and ``weight`` fp32 [B, N, K]
 format of ``sparse.py``. Output order: the ``prefix`` protected tokens first, then the kept tokens in
 ascending original index (evit's fused token last). Ties are broken towards the lower index, always
 through stable sorts. Unused slots carry weight 0 and dst 0.
+
+Affinities, keys and softmax weights are computed in float64: the choices are then those of exact
+arithmetic on every machine and BLAS path (the fp32 GEMM's rounding differs between CPUs), and
+the fp32 kernels make the same choices except between values that tie within their fp32
+rounding. Only exact ties (equal inputs) are broken by index.
 """
 import torch
 
@@ -12,14 +17,14 @@ SCORE_EPS = 1e-30  # an all-zero score must not divide by zero
 
 
 def similarity(metric, rows=None):
-    """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] fp32."""
-    m = metric.float().contiguous()  # a strided view's norms would round differently
+    """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] float64."""
+    m = metric.double()
     m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS)
     return torch.bmm(m if rows is None else m[:, rows], m.transpose(1, 2))
 
 
 def affinity(metric, size, cost="cosine", rows=None):
-    """How much the tokens `rows` (default: all) want to merge with each token, [B, R, N] fp32
+    """How much the tokens `rows` (default: all) want to merge with each token, [B, R, N] float64
     (higher merges first).
 
     cost="cosine": their cosine similarity (ToMe). cost="ward": minus Ward's merge cost
@@ -29,7 +34,7 @@ def affinity(metric, size, cost="cosine", rows=None):
     sim = similarity(metric, rows)
     if cost == "cosine":
         return sim
-    s = size.float()
+    s = size.double()
     s_rows = s if rows is None else s[:, rows]
     pair = s_rows[:, :, None] * s[:, None, :] / (s_rows[:, :, None] + s[:, None, :]).clamp_min(
         SCORE_EPS)
@@ -75,7 +80,7 @@ def _best_b_match(sim, b):
 
 def _unimportance(score, prefix):
     """1 - score / max score over the unprotected tokens, in [0, 1] for non-negative scores."""
-    score = score.float()
+    score = score.double()
     free = torch.arange(score.shape[1], device=score.device) >= prefix
     top = score.masked_fill(~free, -torch.inf).amax(1, keepdim=True).clamp_min(SCORE_EPS)
     return 1 - score / top
@@ -115,11 +120,11 @@ def evit(score, size, r, prefix=1):
         size = torch.ones_like(score)
     keep = _keep_by_score(score, N - r - 1 - prefix, prefix)
     fused = ~keep
-    s = score.float() * fused
+    s, size = score.double() * fused, size.double()
     mass = (size * fused).sum(1, keepdim=True)
     share = s * mass / (s * size).sum(1, keepdim=True).clamp_min(SCORE_EPS)
     dst = torch.full((B, N, 1), N - r - 1, dtype=torch.long, device=score.device)
-    return _ell(keep, dst, share[..., None])
+    return _ell(keep, dst, share.float()[..., None])
 
 
 def tome(metric, r, prefix=1):
@@ -163,6 +168,6 @@ def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score
     top = _largest(candidates, k)
     cos = candidates.gather(-1, top)
     used = torch.isfinite(cos)
-    weight = torch.where(used, torch.softmax(cos / tau, -1), 0.0)
+    weight = torch.where(used, torch.softmax(cos / tau, -1), 0.0).float()
     dst = torch.where(used, _kept_rows(keep).gather(1, top.flatten(1)).reshape(top.shape), 0)
     return _ell(keep, dst, weight)
