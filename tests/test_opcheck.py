@@ -3,7 +3,7 @@ dispatch with dynamic shapes), and torch.compile(fullgraph=True) through transfo
 import pytest
 import torch
 
-from conftest import make_tokens
+from conftest import make_tokens, x_tol
 
 ops = torch.ops.tt
 B, N, R = 2, 17, 4
@@ -73,5 +73,9 @@ def test_compile_fullgraph_matches_eager():
     args = (t["x"], t["size"], t["metric"], t["score"])
     got, want = compiled(*args), _reduce_then_restore(*args)
     assert got[0].shape == (2, 197, 24) and got[1].shape == (2, 181)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    # The same kernels run; only the fused tanh and product may round once more (u each) before
+    # untransform mixes k = 2 rows of them.
+    magnitude = float(want[1].max())
+    torch.testing.assert_close(got[0], want[0], **x_tol(torch.float32, terms=2, channels=0,
+                                                        magnitude=magnitude))
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)

@@ -27,12 +27,13 @@ def _images(device="cpu"):
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
 
 
-def _assert_close_to_fp32(got, want, dtype):
-    """Low precision changes the logits by its rounding, and can flip near-tied choices of which
-    tokens merge, but never more than that: 1 - cosine to the fp32 logits stays below the dtype's
-    unit roundoff (about half the square of a relative error of sqrt(2 eps))."""
+def _assert_within_rounding(got, want, dtype):
+    """got computes want's function with roundings of `dtype` (and may flip near-tied choices of
+    which tokens merge): 1 - cosine to want, about half the square of the relative error, stays
+    below the dtype's unit roundoff u, i.e. the relative error below sqrt(2 u) (6% for bf16, 3e-4
+    for fp32), a few roundings compounded through the blocks; garbage lands far above."""
     assert got.dtype == dtype and torch.isfinite(got).all()
-    cosine = F.cosine_similarity(got.float(), want.float(), dim=-1)
+    cosine = F.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
     assert (1 - cosine).max() <= torch.finfo(dtype).eps / 2
 
 
@@ -55,7 +56,7 @@ def test_autocast(name, device, dtype):
         want = model(x)
         with torch.autocast(device, dtype=dtype):
             got = model(x)
-    _assert_close_to_fp32(got, want, dtype)
+    _assert_within_rounding(got, want, dtype)
     _assert_sizes_conserved(model, METHODS[name].get("method"))
 
 
@@ -66,7 +67,7 @@ def test_low_precision_weights(name, dtype):
     with torch.no_grad():
         want = model(x)
         got = copy.deepcopy(model).to(dtype)(x.to(dtype))
-    _assert_close_to_fp32(got, want, dtype)
+    _assert_within_rounding(got, want, dtype)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -86,7 +87,7 @@ def test_compile_fullgraph(name):
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model, fullgraph=True)(x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _assert_within_rounding(got, want, torch.float32)
 
 
 def _gradients(model, x):
@@ -107,7 +108,7 @@ def test_training_gradients_match_the_reference(name):
     assert all(torch.isfinite(g).all() for g in got.values())
     assert got["patch_embed.proj.weight"].abs().sum() > 0  # gradients reach the first layer
     for param in want:
-        torch.testing.assert_close(got[param], want[param], rtol=1e-4, atol=1e-6, msg=param)
+        _assert_within_rounding(got[param][None], want[param][None], torch.float32)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -4,7 +4,7 @@ ties go to the lower index."""
 import pytest
 import torch
 
-from conftest import SIZE_TOL, construction_kwargs, make_tokens, r_for
+from conftest import SIZE_TOL, U32, construction_kwargs, make_tokens, r_for
 from tt_kernels import reference
 
 BACKENDS = {"cpu": torch.ops.tt.transform, "reference": reference.transform}
@@ -128,11 +128,11 @@ def test_r0_is_identity(step, method, construction, dtype, mode):
 
 @pytest.mark.parametrize("method", ["prune", "tome", "transform"])
 def test_r0_is_identity_with_sizes(step, method):
-    """Non-unit sizes: x * size / size may round, but only by an ulp."""
+    """Non-unit sizes: x * size / size rounds twice: (1 + u)^2 - 1 < 3 u of x."""
     t = make_tokens(2, 197, seed=5)
     x_out, size_out, _, _ = step(t, 0, method, 1)
     assert torch.equal(size_out, t["size"])
-    torch.testing.assert_close(x_out, t["x"], rtol=2e-7, atol=0)
+    torch.testing.assert_close(x_out, t["x"], rtol=3 * U32, atol=0)
 
 
 # --- exact ties: all tokens identical (one-hot metric: every cosine is exactly 1, equal scores) --
