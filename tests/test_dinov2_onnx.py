@@ -113,8 +113,12 @@ def test_shapes_and_saliency_range(model, decoder):
     assert sal.shape == (2, 1, 224, 224)
     assert torch.isfinite(sal).all() and (sal > 0).all() and (sal < 1).all()
     assert not decoder.training
-    # BatchNorm in eval mode: each image's map does not depend on the rest of the batch.
-    torch.testing.assert_close(decoder(feats[:1, 1:]), sal[:1], rtol=1e-5, atol=1e-6)
+    # BatchNorm in eval mode: each image's map does not depend on the rest of the batch. The
+    # convolutions may sum in another order for another batch size: each of the 4 layers sums at
+    # most 384 x 16 products of order-1 activations, (n - 1) u of them per side, and the sigmoid's
+    # slope is at most 1/4.
+    bound = 2 * 4 * 384 * 16 * torch.finfo(torch.float32).eps / 2 / 4
+    torch.testing.assert_close(decoder(feats[:1, 1:]), sal[:1], rtol=0, atol=bound)
 
 
 def test_decoder_covers_every_onnx_initializer(decoder, onnx_graph):
