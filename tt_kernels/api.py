@@ -1,4 +1,5 @@
 """The Python entry points: one reduction step, its transformation T, and the way back."""
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,8 @@ def removal_alpha(source, alpha):
         return SOURCES[source]
     if source != "mix":
         raise ValueError(f"`alpha` is only for source='mix', got source={source!r}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        raise ValueError(f"`alpha` must be a number in [0, 1] or None, got {alpha!r}")
     return float(alpha)
 
 

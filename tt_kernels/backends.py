@@ -75,12 +75,16 @@ def supported(backend):
     return triton_kernels.OPS if triton_kernels.triton_version() else ()
 
 
+def check_backend(backend):
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS} or None, got {backend!r}")
+
+
 def resolve(op, backend, device):
     """The backend that runs `op` on `device`, or a ValueError saying why none can."""
+    check_backend(backend)
     if backend is None:
         return default_backend(op, device)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS} or None, got {backend!r}")
     if op not in supported(backend):
         raise ValueError(f"backend {backend!r} has no {op} kernel in this build "
                          f"(see tt_kernels.build_info())")

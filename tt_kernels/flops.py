@@ -4,6 +4,9 @@ Counts 2 x the multiply-accumulates of every matrix product (patch embedding, qk
 projection, MLP, head) and of the reduction's own similarity (rows x N x the metric's width);
 norms, softmax and activations are left out, as fvcore and ToMe do.
 """
+import math
+import numbers
+
 from .api import max_r
 
 
@@ -55,20 +58,39 @@ def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="tra
     return 2 * macs
 
 
+def check_fraction(fraction):
+    """A FLOPs budget is a fraction of the unreduced model's FLOPs: a finite number in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or \
+            not 0 < fraction <= 1:
+        raise ValueError("`flops` must be a number in (0, 1] (a fraction of the unreduced "
+                         f"FLOPs), got {fraction!r}")
+
+
 def schedule_for_budget(model, n0, fraction, prefix=None, by_importance=False,
                         method="transform", metric_dim=None):
     """The schedule whose FLOPs come closest to `fraction` of the unreduced model's from below:
     the smallest constant r in every block but the last (whose removals would save only its own
-    MLP), then one token less in the latest blocks while the budget still holds."""
+    MLP), then one token less in the latest blocks while the budget still holds. A fraction that
+    no constant r meets raises ValueError naming the lowest fraction that can be met."""
+    check_fraction(fraction)
     depth = len(model.blocks)
-    budget = fraction * vit_flops(model, n0, [0] * depth, prefix)
+    full = vit_flops(model, n0, [0] * depth, prefix)
+    budget = fraction * full
 
     def flops(schedule):
         return vit_flops(model, n0, schedule, prefix, by_importance, method, metric_dim)
 
     reducing = [1] * (depth - 1) + [0] if depth > 1 else [1]
-    r = next((r for r in range(n0 + 1) if flops([r * b for b in reducing]) <= budget), n0)
-    schedule = [r * b for b in reducing]
+    # up to r = n0, where every block's cap binds: the most the construction can remove
+    starts = [[r * b for b in reducing] for r in range(n0 + 1)]
+    schedule = next((s for s in starts if flops(s) <= budget), None)
+    if schedule is None:
+        lowest = min(flops(s) for s in starts) / full
+        # rounded up, so that the fraction in the message is itself a budget that can be met
+        raise ValueError(f"`flops` must be at least {math.ceil(lowest * 1e4) / 1e4}, the lowest "
+                         f"fraction this model reaches with {n0} tokens and method {method!r} "
+                         "(every block but the last removing as many tokens as the construction "
+                         f"allows), got {fraction!r}")
     for i in reversed(range(depth)):
         if schedule[i] > 0:
             trial = schedule[:i] + [schedule[i] - 1] + schedule[i + 1:]

@@ -16,19 +16,32 @@ size-weighted mean). Attention stays timm's own, fused SDPA included: proportion
 attention enters as its additive float `attn_mask` (+log size per key), and while every size is 1
 no mask is passed at all, so a model with nothing to remove runs exactly as unpatched.
 """
+import numbers
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from . import api
-from .flops import schedule_for_budget, step_sizes, vit_flops
+from .backends import check_backend
+from .flops import check_fraction, schedule_for_budget, step_sizes, vit_flops
+from .ops import ops
+
+METRICS = ("queries", "keys", "keys_mean")
+
+
+def _state(**default):
+    """A field of TokenReduction that holds the state of a forward, not a setting."""
+    return field(metadata={"state": True}, repr=False, **default)
 
 
 @dataclass
 class TokenReduction:
-    """The settings of a patched model (mutable at run time) and the state of its last forward."""
+    """The settings of a patched model (mutable at run time) and the state of its last forward.
+
+    Settings are checked by patch() and again, before they are used, by the first forward after
+    any of them changed (start); a change also solves the schedule anew."""
 
     r: object = 0  # int per block, list per block, {block: r} stages; ignored when flops is set
     flops: float = None  # fraction of the unreduced FLOPs to meet (schedule_for_budget)
@@ -45,13 +58,13 @@ class TokenReduction:
     record: bool = False  # keep each step's T for restore() and visualisation
     prefix: int = 1
     # state of the last forward
-    size: torch.Tensor = None
-    steps: list = field(default_factory=list)
-    schedule: list = field(default_factory=list)
-    _q: torch.Tensor = None
-    _k: torch.Tensor = None
-    _model: object = None  # weak reference to the patched model
-    _schedules: dict = field(default_factory=dict)  # solved schedules, by token count and settings
+    size: torch.Tensor = _state(default=None)
+    steps: list = _state(default_factory=list)
+    schedule: list = _state(default_factory=list)
+    _q: torch.Tensor = _state(default=None)
+    _k: torch.Tensor = _state(default=None)
+    _model: object = _state(default=None)  # weak reference to the patched model
+    _schedules: dict = _state(default_factory=dict)  # solved schedules, by token count and settings
 
     @property
     def by_importance(self):
@@ -85,35 +98,120 @@ class TokenReduction:
         """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
         if self.metric == "keys_mean" or self.method != "transform":
             return keys.mean(1)
-        if self.metric in ("queries", "keys"):
-            return (queries if self.metric == "queries" else keys).transpose(1, 2).flatten(2)
-        raise ValueError(f"`metric` must be 'queries', 'keys' or 'keys_mean', got "
-                         f"{self.metric!r}")
+        return (queries if self.metric == "queries" else keys).transpose(1, 2).flatten(2)
+
+    def settings(self):
+        """Every setting's value, in field order."""
+        return tuple(getattr(self, name) for name in SETTINGS)
+
+    def validate(self, model, n0):
+        """Raises one ValueError listing every setting that cannot be honoured in `model` with n0
+        tokens entering its first block, each naming its argument and what is allowed."""
+        checks = [
+            lambda: _check_r(self.r, len(model.blocks)),
+            lambda: self.flops is None or check_fraction(self.flops),
+            *(lambda name=name: _check_by_the_ops(name, getattr(self, name), n0)
+              for name in _OP_CHECKED),
+            lambda: api.removal_alpha(self.source, self.alpha),
+            lambda: _check_choice("metric", self.metric, METRICS),
+            lambda: check_backend(self.backend),
+            lambda: _check_type("record", self.record, bool),
+        ]
+        problems = [problem for problem in map(_problem, checks) if problem]
+        if not problems and self.prefix == 0 and self.needs_score():  # settings valid together
+            problems.append(
+                "importance scores are the class token's attention: this model has no class "
+                f"token, so method={self.method!r} with source={self.source!r} cannot be used")
+        if problems:
+            raise ValueError("tt_kernels.patch: " + "; ".join(problems))
 
     def resolve_schedule(self, model, n0):
+        """Checks every setting, then solves the r each block removes from n0 tokens (capped at
+        what the construction allows); a FLOPs budget below reach raises ValueError."""
+        self.validate(model, n0)
         depth = len(model.blocks)
         if self.flops is not None:
             wanted = schedule_for_budget(model, n0, self.flops, self.prefix, self.by_importance,
                                          self.method, self.metric_dim(model))
-        elif isinstance(self.r, int):
-            wanted = [self.r] * depth
         elif isinstance(self.r, dict):
             wanted = [self.r.get(i, 0) for i in range(depth)]
-        else:
+        elif isinstance(self.r, (list, tuple)):
             wanted = list(self.r)
-            if len(wanted) != depth:
-                raise ValueError(f"`r` lists one r per block: {depth} expected, got {len(wanted)}")
-        if any(r < 0 for r in wanted):
-            raise ValueError(f"`r` must be non-negative, got {wanted}")
+        else:
+            wanted = [self.r] * depth
         return [r for _, r in step_sizes(n0, wanted, self.prefix, self.by_importance,
                                           self.method)]
 
-    def start(self, n0):
-        self.size, self.steps = None, []
-        key = (n0, self.flops, repr(self.r), self.method, self.source, self.metric)
+    def schedule_for(self, n0):
+        """The schedule for n0 tokens under the current settings, solved (and the settings
+        checked) once per token count and settings."""
+        key = (n0, repr(self.settings()))  # repr: r may be a list or dict, changed in place
         if key not in self._schedules:
             self._schedules[key] = self.resolve_schedule(self._model(), n0)
-        self.schedule = list(self._schedules[key])
+        return self._schedules[key]
+
+    def start(self, n0):
+        """Begins a forward of n0 tokens."""
+        self.size, self.steps = None, []
+        self.schedule = list(self.schedule_for(n0))
+
+
+SETTINGS = tuple(f.name for f in fields(TokenReduction) if not f.metadata.get("state"))
+
+# The construction settings that the ops' own argument checks (csrc/checks.cpp) cover, each with
+# its type and a value the ops accept, to check one setting at a time.
+_OP_CHECKED = {"method": (str, "transform"), "k": (numbers.Integral, 1),
+               "tau": (numbers.Real, 0.1), "targets": (str, "all"), "cost": (str, "cosine"),
+               "mode": (str, "mean")}
+_TYPE_NAMES = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number",
+               bool: "True or False"}
+
+
+def _problem(check):
+    """The message of the ValueError `check()` raises, or None."""
+    try:
+        check()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _check_by_the_ops(name, value, n0):
+    """One construction setting through the ops' own checks, every other setting valid, with
+    n0 tokens (on tensors of zero images: nothing is computed)."""
+    _check_type(name, value, _OP_CHECKED[name][0])
+    s = {setting: valid for setting, (_, valid) in _OP_CHECKED.items()} | {name: value}
+    tokens, size = torch.empty(0, n0, 1), torch.empty(0, n0)
+    try:
+        ops.check_match(tokens, size, None, 0, s["method"], s["k"], s["tau"], 0.0, s["targets"],
+                        0, s["cost"])
+        ops.check_apply(tokens, size, tokens.long(), tokens, 0, s["mode"])
+    except ValueError as error:  # "tt.match: `k` must ...": the setting is patch()'s, not the op's
+        raise ValueError(str(error).split(": ", 1)[1]) from None
+
+
+def _check_type(name, value, kind):
+    # bool is an int to Python, but never a count or a number to patch()
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ValueError(f"`{name}` must be {_TYPE_NAMES[kind]}, got {value!r}")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
+
+
+def _check_r(r, depth):
+    def count(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+
+    if count(r) or (isinstance(r, (list, tuple)) and len(r) == depth and all(map(count, r))) or (
+            isinstance(r, dict) and all(map(count, r.values()))
+            and all(count(i) and i < depth for i in r)):
+        return
+    raise ValueError(f"`r` must be an integer >= 0 (tokens removed in every block), a list or "
+                     f"tuple of {depth} of them (one per block) or a dict {{block index in "
+                     f"[0, {depth}): integer >= 0}}, got {r!r}")
 
 
 def _attention_bias(size, dtype):
@@ -172,16 +270,13 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
     The other arguments are those of tt_kernels.transform (cost, mode and metric for method
     "transform" only; see the module's docstring). With record=True each forward keeps
     its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
+    Every setting is checked first: one ValueError lists each that cannot be honoured, and the
+    model is left as it was.
     """
-    if hasattr(model, "token_reduction"):
-        unpatch(model)
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise TypeError("tt_kernels.patch expects a timm VisionTransformer")
     if getattr(model, "attn_pool", None) is not None:
         raise NotImplementedError("attention-pool heads (global_pool='map') are not supported")
-    if model.num_prefix_tokens == 0 and (method in ("prune", "evit") or source != "redundancy"):
-        raise ValueError("importance scores are the class token's attention: this model has no "
-                         f"class token, so method={method!r} with source={source!r} cannot be used")
     if model.global_pool not in ("token", "avg", ""):
         raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
                                   "'token' or 'avg'")
@@ -189,6 +284,10 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
                         targets=targets, cost=cost, mode=mode, metric=metric, backend=backend,
                         record=record,
                         prefix=model.num_prefix_tokens, _model=weakref.ref(model))
+    # every setting checked now, not at the first forward (which checks them again only if changed)
+    tr.schedule_for(model.patch_embed.num_patches + model.num_prefix_tokens)
+    if hasattr(model, "token_reduction"):
+        unpatch(model)
     handles = []
     for i, block in enumerate(model.blocks):
         for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
