@@ -152,3 +152,43 @@ def test_build_info_lists_the_cpu_ops():
     assert set(info["cpu_ops"]) == {"match", "apply", "untransform", "transform", "cls_attention"}
     assert set(info["default_backend"]["cpu"].values()) == {"cpu"}
     assert info["torch"] == torch.__version__
+
+
+# The Triton kernels run on CUDA tensors, and on CPU tensors interpreted (tests/conftest.py).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.skipif(tt_kernels.backends.triton_kernels.triton_version() is None,
+                    reason="needs Triton")
+@pytest.mark.parametrize("mode", ["mean", "sum", "norm"])
+def test_triton_backend_has_the_gradients_of_the_ops(mode):
+    """backend="triton" is differentiable where torch.ops.tt is, with the ops' own formulas: with
+    k = 1 (weights exactly 0 or 1) and integer sizes, T and every gradient equal the op's."""
+    t = make_tokens(2, 33, seed=6, duplicates=True)
+    t = {name: v.to(TRITON_DEVICE) for name, v in t.items()}
+    g = torch.Generator().manual_seed(7)
+    up, up_full, y = (torch.randn(2, n, 24, generator=g).to(TRITON_DEVICE) for n in (25, 33, 25))
+    ops = torch.ops.tt
+    construction = (8, "transform", 1, 0.1, 0.0, "all", 1)  # r, method, k, tau, alpha, ..., prefix
+
+    def grad(fn, leaf, upstream):
+        leaf = leaf.detach().clone().requires_grad_()
+        out = fn(leaf)
+        assert out.requires_grad
+        return torch.autograd.grad(out, leaf, upstream)[0]
+
+    def triton_step(x):
+        return tt_kernels.transform(x, t["metric"], 8, size=t["size"], mode=mode,
+                                    backend="triton")
+
+    _, _, T = triton_step(t["x"])
+    want_dst, want_weight = ops.match(t["metric"], None, t["size"], *construction, "cosine")
+    assert torch.equal(T.dst, want_dst) and torch.equal(T.weight, want_weight)
+    assert torch.equal(grad(lambda x: triton_step(x)[0], t["x"], up), grad(
+        lambda x: ops.transform(x, t["size"], t["metric"], None, *construction, mode, "cosine")[0],
+        t["x"], up))
+    assert torch.equal(
+        grad(lambda x: tt_kernels.apply(x, T, t["size"], mode, backend="triton")[0], t["x"], up),
+        grad(lambda x: ops.apply(x, t["size"], T.dst, T.weight, 25, mode)[0], t["x"], up))
+    assert torch.equal(grad(lambda y: tt_kernels.untransform(y, T, backend="triton"), y, up_full),
+                       grad(lambda y: ops.untransform(y, T.dst, T.weight), y, up_full))

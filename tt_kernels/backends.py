@@ -1,8 +1,11 @@
 """Which implementations exist in this build, which are verified, and which one a call uses."""
+import functools
+
 import torch
 
 from . import reference, triton_kernels
-from .ops import ops
+from .ops import (_apply_grad, _apply_setup, _transform_grad, _transform_setup, _untransform_grad,
+                  _untransform_setup, ops)
 
 OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -119,6 +122,30 @@ def _without_autocast(run, device):
     return call
 
 
+# The gradient formulas of the differentiable torch.ops.tt ops (ops.py): (setup_context, backward).
+GRADIENTS = {"apply": (_apply_setup, _apply_grad), "transform": (_transform_setup, _transform_grad),
+             "untransform": (_untransform_setup, _untransform_grad)}
+
+
+class _WithOpGradient(torch.autograd.Function):
+    """A launcher outside the dispatcher (Triton) with the gradient of the op it implements, so
+    every backend is differentiable where torch.ops.tt is."""
+
+    @staticmethod
+    def forward(op, run, *args):
+        return run(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, _, *args = inputs
+        ctx.tt_op = op
+        GRADIENTS[op][0](ctx, args, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None) + GRADIENTS[ctx.tt_op][1](ctx, *grads)
+
+
 def implementation(op, backend, device):
     """The function that runs `op` with the backend chosen for `device` (same signature as the
     torch.ops.tt op)."""
@@ -126,5 +153,8 @@ def implementation(op, backend, device):
     if which == "reference":
         return _without_autocast(_checked_reference(op), device)
     if which == "triton":
-        return _without_autocast(triton_kernels.kernel(op), device)
+        run = triton_kernels.kernel(op)
+        if op in GRADIENTS:
+            run = functools.partial(_WithOpGradient.apply, op, run)
+        return _without_autocast(run, device)
     return getattr(ops, op)
