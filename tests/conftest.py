@@ -61,6 +61,25 @@ def x_tol(dtype, terms=257, channels=24, magnitude=5.0):
     return dict(rtol=2 * unit_roundoff(dtype) + fp32 / magnitude, atol=fp32)
 
 
+def cls_attention_tol(q, k, scale=None):
+    """A logit q.k * scale errs by (D + 2) u of sum_d |q_d k_d| * scale on each side; softmax turns
+    logit errors of at most e into relative errors of at most 2 e (the head mean keeps them)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    magnitude = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].double().abs(), k.double().abs())
+    logit = 2 * (q.shape[-1] + 2) * U32 * float(magnitude.max()) * abs(scale)
+    return dict(rtol=2 * logit + 4 * U32, atol=0.0)
+
+
+def apply_magnitude(t, dst, weight):
+    """The largest sum of |products| an apply of T forms from make_tokens' x (what x_tol scales):
+    T applied to |x| in mode sum, where weights need not sum to 1 (evit's exceed 1)."""
+    from tt_kernels import reference
+
+    n_out = int(dst.max()) + 1 if dst.numel() else 0
+    out, _ = reference.apply(t["x"].abs().float(), t["size"], dst, weight, n_out, "sum")
+    return max(float(out.max()) if out.numel() else 0.0, float(t["x"].abs().max()))
+
+
 # make_tokens' inputs: D = 16, C = 24, sizes in [1, 4], N <= 257, tau = 0.1.
 WEIGHT_TOL = weight_tol()
 SIZE_TOL = sum_tol(257)
