@@ -3,11 +3,26 @@ nvcc is found. TT_BUILD_CUDA=0 forces CUDA off, TT_BUILD_CUDA=1 makes its absenc
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 9.0+PTX when no GPU is visible);
 MAX_JOBS caps parallel compilation."""
 import glob
+import importlib.util
 import os
 import shutil
+import sys
 
-import torch
+import setuptools
 from setuptools import setup
+
+# Two mistakes that otherwise end in obscure errors: setuptools < 70.1 without `wheel` (no
+# bdist_wheel command), and pip's isolated build environment, which hides the installed torch.
+if {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv) and not any(
+        importlib.util.find_spec(m) for m in ("setuptools.command.bdist_wheel", "wheel")):
+    sys.exit(f"setuptools {setuptools.__version__} makes wheels (editable installs too) only with "
+             "the `wheel` package: pip install wheel (or setuptools>=70.1), then install again")
+try:
+    import torch
+except ImportError:
+    sys.exit("tt_kernels compiles against the installed torch, which this Python cannot import. "
+             "Install torch first, then build without pip's isolated build environment (which "
+             "hides it): pip install --no-build-isolation -e . (or .)")
 
 
 def _cuda_toolkit():
@@ -60,10 +75,9 @@ setup(
     name="tt_kernels",
     version="0.1.0",
     description="Token Transforming for Vision Transformers: fused token-reduction kernels",
+    # tt_kernels/triton_kernels is a link to the top-level triton_kernels/ folder: our Triton
+    # kernels install under our own namespace (the published `triton_kernels` is another package).
     packages=["tt_kernels", "tt_kernels.models", "tt_kernels.reference", "tt_kernels.triton_kernels"],
-    # Our Triton kernels live in the top-level triton_kernels/ folder but install under our own
-    # namespace, so they never clash with the published `triton_kernels` package.
-    package_dir={"tt_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",

@@ -244,20 +244,6 @@ info = tt_kernels.build_info()
 print(json.dumps(info))
 sys.exit(0 if info['cuda_compiled'] or not $GPU else 3)" >>"$WORK/build.log" 2>&1
 }
-write_shim() {  # what the editable install's finder does: tt_kernels.triton_kernels -> triton_kernels/
-  mkdir -p "$WORK/shim"
-  cat >"$WORK/shim/sitecustomize.py" <<EOF
-import importlib.abc, importlib.util, sys
-class _TTKernelsTriton(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "tt_kernels.triton_kernels":
-            return None
-        return importlib.util.spec_from_file_location(
-            name, "$ROOT/triton_kernels/__init__.py",
-            submodule_search_locations=["$ROOT/triton_kernels"])
-sys.meta_path.insert(0, _TTKernelsTriton())
-EOF
-}
 build_step() {
   local start secs rc build_cuda=""
   start=$(now)
@@ -275,10 +261,9 @@ build_step() {
       run_logged build "$secs" env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} \
         ${build_cuda:+TT_BUILD_CUDA=1} MAX_JOBS="$JOBS" "$PY" setup.py build_ext --inplace
       rc=$?
-      if ((rc == 0)); then
-        write_shim  # and the repo root, for scripts run from scripts/ and bench/
-        export PYTHONPATH=$WORK/shim:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-      fi
+      # tt_kernels (tt_kernels/triton_kernels is a link in the tree) from the repo root, also
+      # for the scripts run from scripts/ and bench/
+      ((rc == 0)) && export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
     fi
   fi
   if timed_out $rc; then

