@@ -4,8 +4,7 @@ import functools
 import torch
 
 from . import reference, triton_kernels
-from .ops import (_apply_grad, _apply_setup, _transform_grad, _transform_setup, _untransform_grad,
-                  _untransform_setup, ops)
+from .ops import GRADIENTS, ops
 
 OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -120,11 +119,6 @@ def _without_autocast(run, device):
             return run(*args)
 
     return call
-
-
-# The gradient formulas of the differentiable torch.ops.tt ops (ops.py): (setup_context, backward).
-GRADIENTS = {"apply": (_apply_setup, _apply_grad), "transform": (_transform_setup, _transform_grad),
-             "untransform": (_untransform_setup, _untransform_grad)}
 
 
 class _WithOpGradient(torch.autograd.Function):

@@ -85,18 +85,12 @@ def _apply_grad(ctx, grad_x_out, grad_size_out):
     return (_apply_backward(grad_x_out, *ctx.saved_tensors, ctx.mode),) + (None,) * 5
 
 
-torch.library.register_autograd("tt::apply", _apply_grad, setup_context=_apply_setup)
-
-
 def _transform_setup(ctx, inputs, output):
     _save(ctx, inputs[0], inputs[1], output[2], output[3], output[1], inputs[11])
 
 
 def _transform_grad(ctx, grad_x_out, *unused):
     return (_apply_backward(grad_x_out, *ctx.saved_tensors, ctx.mode),) + (None,) * 12
-
-
-torch.library.register_autograd("tt::transform", _transform_grad, setup_context=_transform_setup)
 
 
 def _untransform_setup(ctx, inputs, output):
@@ -115,8 +109,13 @@ def _untransform_grad(ctx, grad):
     return grad_y, None, None
 
 
-torch.library.register_autograd("tt::untransform", _untransform_grad,
-                                setup_context=_untransform_setup)
+# op -> (setup_context, backward): registered below, and reused by launchers outside the
+# dispatcher (backends.py, Triton) so that every backend has the ops' gradients.
+GRADIENTS = {"apply": (_apply_setup, _apply_grad), "transform": (_transform_setup, _transform_grad),
+             "untransform": (_untransform_setup, _untransform_grad)}
+for _op, (_setup, _backward) in GRADIENTS.items():
+    torch.library.register_autograd(f"tt::{_op}", _backward, setup_context=_setup)
+
 
 # T and the importance score are chosen, not computed smoothly: match and cls_attention have no
 # gradient. Their kernels run below autograd and their outputs never require grad.
