@@ -21,9 +21,9 @@
 # so `import tt_kernels` finds that build: neither this checkout's tt_kernels/ (its _C was built
 # for the main torch) nor the current Python's editable install of it are on the path first. The
 # script checks where tt_kernels was imported from before testing.
-# Measured on 2 idle cores: ~3.5 min from an empty folder (venv 25 s with the ~720 MB download of
-# torch and triton, build ~80 s: the C++ and CUDA files against torch's headers, tests ~110 s),
-# ~2.5 min when nothing was changed; several times that on a loaded machine.
+# Measured on 2 cores: 3.3 to 4.2 min from an empty folder (venv ~25 s with the ~720 MB download
+# of torch and triton, build 75-95 s: the C++ and CUDA files against torch's headers, tests
+# 105-135 s), ~2.5 min when nothing changed; up to twice that while other work loads the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
