@@ -205,7 +205,7 @@ CASES = _cases()
 
 
 def _ref_match(t, args):
-    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **args}
+    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all", prefix=1, cost="cosine"), **args}
     return reference.match(t["metric"], t["score"], t["size"], a["r"], a["method"], a["k"],
                            a["tau"], a["alpha"], a["targets"], a["prefix"], a["cost"])
 
@@ -222,8 +222,7 @@ def _assert_step(got, x, size, metric, score, args, mode="mean", tol=WEIGHT_TOL)
     """tt.transform's (x_out, size_out, dst, weight): T is the reference's (weights within `tol`),
     and x_out, size_out are the reference's apply of the T returned, so that their tolerance is
     the apply's own rounding, not T's."""
-    want = reference.transform(x, size, metric, score, mode=mode, **args)
-    _assert_same_T(got[2:], want[2:], tol)
+    _assert_same_T(got[2:], _ref_match(dict(metric=metric, score=score, size=size), args), tol)
     N, C = x.shape[1:]
     want_x, want_size = reference.apply(x, size, got[2], got[3], N - args["r"], mode)
     assert got[0].dtype == x.dtype and got[0].shape == want_x.shape
