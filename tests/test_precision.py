@@ -124,11 +124,16 @@ def test_training_under_autocast(name):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_python_backends_ignore_autocast(backend):
-    """As the compiled ops do: autocast must not turn the similarity GEMM into a bf16 one."""
+    """As the compiled ops do: autocast must not turn a GEMM inside into a bf16 one (the
+    reference's class-attention logits would drop to bf16 precision and dtype)."""
     g = torch.Generator().manual_seed(0)
     x, metric = torch.randn(2, 37, 24, generator=g), torch.randn(2, 37, 16, generator=g)
+    q, k = torch.randn(2, 3, 37, 16, generator=g), torch.randn(2, 3, 37, 16, generator=g)
     want = tt_kernels.transform(x, metric, 9, k=2, backend=backend)
+    want_score = tt_kernels.cls_attention(q, k, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = tt_kernels.transform(x, metric, 9, k=2, backend=backend)
+        score = tt_kernels.cls_attention(q, k, backend=backend)
     assert got[0].dtype == torch.float32
     assert torch.equal(got[0], want[0]) and torch.equal(got[2].weight, want[2].weight)
+    assert torch.equal(score, want_score)
