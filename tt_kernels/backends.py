@@ -3,16 +3,15 @@ import functools
 
 import torch
 
-from . import reference, triton_kernels
+from . import reference, triton_kernels, verdicts
 from .ops import GRADIENTS, ops
 
 OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# GPU backends become defaults only once their tests have passed on a real GPU (bench/results/
-# records the run). None has yet: on CUDA tensors the default is the PyTorch reference, and the
-# compiled CUDA kernels are opt-in with backend="cuda".
-VERIFIED_ON_GPU = {"cuda": False, "triton": False}
+# GPU backends become defaults only once verified on the GPU at hand (verdicts.py: the project's
+# own GPU run, or `python -m tt_kernels.selftest` on this machine); until then the default on CUDA
+# tensors is the PyTorch reference, and the kernels are opt-in with backend="cuda" / "triton".
 # For each op, the GPU backends fastest first (bench/results/gpu-*.json, `reduction_step` and the
 # B=256 cases); not measured yet, so the fused CUDA C++ kernels come first.
 GPU_ORDER = {op: ("cuda", "triton") for op in OPS}
@@ -47,9 +46,12 @@ def build_info():
         "cpu_ops": _registered("CPU"),
         "cuda_ops": cuda_ops,
         "cuda_compiled": bool(cuda_ops),
+        "build_id": verdicts.build_id(),
         "triton": triton_kernels.triton_version(),
         "triton_ops": list(supported("triton")),
-        "verified_on_gpu": dict(VERIFIED_ON_GPU),
+        "verified_on_gpu": {name: dict(zip(("verified", "evidence"),
+                                           verdicts.evidence(name, torch.device("cuda"))))
+                            for name in verdicts.BACKENDS},
         # What torch.ops.tt.<op> runs on CUDA tensors (the Python API's default is separate).
         "torch_ops_on_cuda": {op: "cuda" if op in CUDA_CPP_OPS else "triton" for op in OPS
                               if op in CUDA_CPP_OPS or op in supported("triton")},
@@ -62,7 +64,7 @@ def default_backend(op, device):
     if device.type == "cpu":
         return "cpu"
     for name in GPU_ORDER[op]:
-        if VERIFIED_ON_GPU[name] and op in supported(name):
+        if op in supported(name) and verdicts.evidence(name, device)[0]:
             return name
     return "reference"
 
