@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from . import api
+from . import api, attention
 from .backends import check_backend
 from .flops import check_fraction, schedule_for_budget, step_sizes, vit_flops
 from .ops import ops
@@ -56,6 +56,7 @@ class TokenReduction:
     metric: str = "queries"  # "queries" / "keys": all heads side by side; "keys_mean": averaged
     backend: str = None
     record: bool = False  # keep each step's T for restore() and visualisation
+    attention: str = "auto"  # how the size bias enters attention (tt_kernels.attention.FORMS)
     prefix: int = 1
     # state of the last forward
     size: torch.Tensor = _state(default=None)
@@ -116,6 +117,7 @@ class TokenReduction:
             lambda: _check_choice("metric", self.metric, METRICS),
             lambda: check_backend(self.backend),
             lambda: _check_type("record", self.record, bool),
+            lambda: attention.check_form(self.attention),
         ]
         problems = [problem for problem in map(_problem, checks) if problem]
         if not problems and self.prefix == 0 and self.needs_score():  # settings valid together
@@ -214,21 +216,14 @@ def _check_r(r, depth):
                      f"[0, {depth}): integer >= 0}}, got {r!r}")
 
 
-def _attention_bias(size, dtype):
-    """Proportional attention: +log(size) on every key's logit; None while no token is merged."""
-    if size is None:
-        return None
-    return size.log().to(dtype)[:, None, None, :]
-
-
 def _block_forward(self, x, attn_mask=None, is_causal=False):
     tr = self.token_reduction
     if attn_mask is not None or is_causal:
         raise NotImplementedError("a patched block takes no attn_mask / is_causal")
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
         tr.start(x.shape[1])
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x),
-                                               attn_mask=_attention_bias(tr.size, x.dtype))))
+    x = x + self.drop_path1(self.ls1(attention.attend(self.attn, self.norm1(x), tr.size,
+                                                      tr.attention)))
     r = tr.schedule[self.token_reduction_index]
     if r:
         score = api.cls_attention(tr._q, tr._k, tr.size, backend=tr.backend) \
@@ -261,7 +256,7 @@ def _capture(name):
 
 def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="redundancy",
           alpha=None, targets="b", cost="ward", mode="norm", metric="queries", backend=None,
-          record=False):
+          record=False, attention="auto"):
     """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
 
     r: tokens removed per block (int), per block (list), or per stage ({block index: r});
@@ -270,6 +265,8 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
     The other arguments are those of tt_kernels.transform (cost, mode and metric for method
     "transform" only; see the module's docstring). With record=True each forward keeps
     its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
+    attention: how proportional attention's +log(size) enters SDPA, "auto", "mask", "column" or
+    "cudnn" (tt_kernels.attention).
     Every setting is checked first: one ValueError lists each that cannot be honoured, and the
     model is left as it was.
     """
@@ -282,7 +279,7 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
                                   "'token' or 'avg'")
     tr = TokenReduction(r=r, flops=flops, method=method, k=k, tau=tau, source=source, alpha=alpha,
                         targets=targets, cost=cost, mode=mode, metric=metric, backend=backend,
-                        record=record,
+                        record=record, attention=attention,
                         prefix=model.num_prefix_tokens, _model=weakref.ref(model))
     # every setting checked now, not at the first forward (which checks them again only if changed)
     tr.schedule_for(model.patch_embed.num_patches + model.num_prefix_tokens)
