@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors through the interpreter, which must be on
@@ -14,6 +15,35 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tt_kernels
+
+# The tests that run something on a CUDA device when there is one get the `gpu` marker: the GPU
+# run selects them (`pytest -m gpu`, scripts/gpu_check.sh) and leaves the rest (CPU kernels, the
+# host build of the CUDA code, ptxas, argument checks) to CI, which runs every test without a GPU,
+# these included (they skip there or run on CPU tensors). Three ways a test runs on CUDA:
+GPU_PARAMS = {"tt": "cuda", "device": "cuda"}  # a parameter (or parametrized fixture) of this value
+GPU_MODULES = {"test_triton.py", "test_cuda_stream.py"}  # every test: tensors on the module's DEVICE
+GPU_TESTS = {"test_api.py": {"test_triton_backend_has_the_gradients_of_the_ops"},
+             "test_bad_input.py": {"test_op_rejects_device_mix"}}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device when one is present (the GPU "
+                                       "run's selection: pytest -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        named = GPU_TESTS.get(module, ())
+        for name in named:  # a renamed test would silently leave the GPU run
+            if not hasattr(item.module, name):
+                raise pytest.UsageError(f"tests/conftest.py GPU_TESTS names {module}::{name}, "
+                                        f"which does not exist")
+        if module in GPU_MODULES or item.originalname in named or any(
+                params.get(name) == value for name, value in GPU_PARAMS.items()):
+            item.add_marker(pytest.mark.gpu)
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
