@@ -1,19 +1,45 @@
-"""Whole-model speed on this machine: a timm ViT unpatched (fused SDPA), patched by tt_kernels at a
-FLOPs budget (default Token Transforming and ToMe's construction), with nothing to remove, and
-ToMe as its authors ship it for timm (eager attention with the size bias, PyTorch merging; written
-here from the published algorithm) at the same budget. Same process, batch and dtype; warm-up
-discarded; median of interleaved repeats.
+"""Whole-model speed, the end-to-end number users compare, on the CPU or a CUDA GPU.
 
-    python bench/bench_model.py [--model deit_small_patch16_224] [--batch 16] [--budget 0.6]
+Rows, all at the same FLOPs budget, for each model and batch size (speedup over unpatched timm
+eager; every row's time in the same process, warm-up discarded, median of interleaved repeats:
+each repeat runs every row once in turn, so drift hits all alike):
+  timm eager                   unpatched timm (fused SDPA): the baseline
+  tt_kernels default           tt_kernels.patch(flops=budget)
+  tt_kernels tome              the same with method="tome"
+  tt_kernels r=0               patched with nothing to remove (the patch's own cost)
+  ToMe published patch         ToMe as its authors ship it for timm (eager attention with the size
+                               bias, PyTorch merging; written here from the published algorithm),
+                               one constant r meeting the budget
+  bound                        the zero-overhead bound: the same model and the default's per-block
+                               token schedule, each block dropping its last r tokens by slicing
+                               (no similarity, no merge, no mask)
+With --compile each row also runs under torch.compile(dynamic=False; fullgraph=True) and unpatched
+timm under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only). A row that fails (a
+compile error, a kernel that does not run on this device) records its error; the others go on.
+Reducing rows also report their time as a fraction of the bound's in the same compile mode
+("of bound": bound time / row time), r=0 of timm's. FLOPs fractions come from the exact counter
+(tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
+checked against the patched model's own token_reduction.schedule and schedule_flops.
 
-Writes bench/results/model-<model>-<machine>.json.
+    python bench/bench_model.py                                   # CPU here: batch 1,16, DeiT-S
+    python bench/bench_model.py --device cuda --dtype bf16 --batch 1,64,256 --compile \\
+        --models deit_small_patch16_224,deit_base_patch16_224,vit_small_patch14_dinov2
+
+Timing: on the CPU tt_kernels.evaluate.interleaved_seconds (perf_counter per forward); on CUDA,
+CUDA events around a few forwards per turn (enough for ~10 ms), synchronised, L2 not flushed (a
+served model's weights stay warm too). Inputs are random normal images. Writes one JSON per model
+to each --out-dir (default bench/results/): model-<card>-<model>.json on a GPU (card from
+torch.cuda.get_device_name, slugged), model-<model>-<cpu>-<cores>c.json on the CPU.
 """
 import argparse
 import copy
 import json
 import math
-import os
+import re
+import statistics
+import time
 import types
+from pathlib import Path
 
 import timm
 import torch
@@ -22,6 +48,18 @@ import tt_kernels
 from tt_kernels.evaluate import interleaved_seconds
 from tt_kernels.machine import machine_info
 
+HERE = Path(__file__).resolve().parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULTS = {  # per device: batches, repeats, warm-up forwards (CUDA graphs record after 2)
+    "cpu": dict(batch="1,16", repeats=7, warmup=2),
+    "cuda": dict(batch="1,64,256", repeats=5, warmup=3),
+}
+MEASURE_MS = 10.0  # CUDA: forwards per timed turn enough to fill this, so launch jitter is small
+MAX_ITERS = 50
+BASELINE = "timm eager"
+
+
+# ----------------------------------------------------------------------------- ToMe's own patch
 
 def _tome_attention(self, x, size):
     """Eager attention with ToMe's proportional bias; also returns the keys' head mean."""
@@ -88,54 +126,389 @@ def constant_r(model, n0, budget):
                 tt_kernels.vit_flops(model, n0, [r] * len(model.blocks)) <= budget * full)
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    base = timm.create_model(args.model, pretrained=False).eval()
+# ----------------------------------------------------------------------------- the bound
+
+def _drop_last_forward(self, x, attn_mask=None, is_causal=False):
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    if self.bound_r:
+        x = x[:, :x.shape[1] - self.bound_r]
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def zero_overhead_bound(model, schedule):
+    """`model` (a timm ViT), in place, with block i dropping its last schedule[i] tokens between
+    its attention and its MLP, where a patched block reduces: what any reduction with this
+    schedule costs at the least."""
+    if len(schedule) != len(model.blocks):
+        raise ValueError(f"`schedule` must have one r per block ({len(model.blocks)}), "
+                         f"got {schedule!r}")
+    for block, r in zip(model.blocks, schedule):
+        block.bound_r = r
+        block.forward = types.MethodType(_drop_last_forward, block)
+    return model
+
+
+# ----------------------------------------------------------------------------- the rows
+
+def token_counts(model, run, x):
+    """(output, [(tokens entering, tokens leaving) per block]) of one forward `run(x)`."""
+    counts = []
+    hooks = [block.register_forward_hook(
+        lambda module, inputs, output: counts.append((inputs[0].shape[1], output.shape[1])))
+        for block in model.blocks]
+    try:
+        with torch.inference_mode():
+            out = run(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, counts
+
+
+def eager_models(base, budget):
+    """{row: (model, FLOPs counter keywords)}: every eager row, each a copy of `base`."""
     n0 = base.patch_embed.num_patches + base.num_prefix_tokens
-    full = tt_kernels.vit_flops(base, n0, [0] * len(base.blocks))
-    r_tome = constant_r(base, n0, args.budget)
-    models = {
-        "timm (fused SDPA)": base,
-        "tt_kernels r=0": tt_kernels.patch(copy.deepcopy(base), r=0),
-        "tt_kernels default": tt_kernels.patch(copy.deepcopy(base), flops=args.budget),
-        "tt_kernels tome": tt_kernels.patch(copy.deepcopy(base), flops=args.budget,
-                                            method="tome"),
-        f"ToMe published patch (r={r_tome})": tome_published(copy.deepcopy(base), r_tome),
+    default = tt_kernels.patch(copy.deepcopy(base), flops=budget)
+    tome = tt_kernels.patch(copy.deepcopy(base), flops=budget, method="tome")
+    r_tome = constant_r(base, n0, budget)
+
+    def counted(m):
+        tr = m.token_reduction
+        return dict(prefix=tr.prefix, by_importance=tr.by_importance, method=tr.method,
+                    metric_dim=tr.metric_dim(base))
+
+    return {
+        BASELINE: (base, {}),
+        "tt_kernels default": (default, counted(default)),
+        "tt_kernels tome": (tome, counted(tome)),
+        "tt_kernels r=0": (tt_kernels.patch(copy.deepcopy(base), r=0), {}),
+        f"ToMe published patch (r={r_tome})": (tome_published(copy.deepcopy(base), r_tome),
+                                                dict(method="tome")),
+        # no similarity: FLOPs counted as for pruning, whose steps compute none
+        "bound": (zero_overhead_bound(copy.deepcopy(base),
+                                      default.token_reduction.schedule_for(n0)),
+                  dict(method="prune")),
     }
-    x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
-    seconds = interleaved_seconds(models, x, args.repeats, args.warmup)
-    rows = []
-    for name, m in models.items():
-        tr = getattr(m, "token_reduction", None)
-        if tr is not None:
-            flops = tr.schedule_flops(base, n0)
-        elif name.startswith("ToMe"):
-            flops = tt_kernels.vit_flops(base, n0, [r_tome] * len(base.blocks), method="tome")
-        else:
-            flops = full
-        rows.append(dict(name=name, images_per_s=args.batch / seconds[name],
-                         speedup=seconds["timm (fused SDPA)"] / seconds[name],
-                         flops_fraction=flops / full,
-                         schedule=tr.schedule if tr is not None else None))
-        print(f"{name:32s} {rows[-1]['images_per_s']:7.2f} img/s  {rows[-1]['speedup']:.2f}x  "
-              f"FLOPs {rows[-1]['flops_fraction']:.3f}")
-    info = machine_info()
-    out = args.out or (f"bench/results/model-{args.model}-{info['cpu_model'].split()[0].lower()}"
-                       f"-{info['usable_cpus']}c.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"model": args.model, "batch": args.batch, "dtype": "float32",
-                   "budget": args.budget, "repeats": args.repeats, "machine": info,
-                   "rows": rows}, f, indent=1)
-    print(f"wrote {out}")
+
+
+def _runner(model, amp_dtype, device_type):
+    if amp_dtype is None:
+        return model
+
+    def run(x):
+        with torch.autocast(device_type, dtype=amp_dtype):
+            return model(x)
+    return run
+
+
+def _error(exc):
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _event_ms(fn, x, n):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+@torch.inference_mode()
+def cuda_interleaved_seconds(fns, x, repeats, warmup):
+    """Median seconds per forward of each callable, timed in turns with CUDA events; each turn
+    runs as many forwards as fill MEASURE_MS (by one timed forward after the warm-up)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    iters = {name: max(1, min(MAX_ITERS, math.ceil(MEASURE_MS / _event_ms(fn, x, 1))))
+             for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_event_ms(fn, x, iters[name]) / iters[name] / 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}, iters
+
+
+# ----------------------------------------------------------------------------- one case
+
+def compiled_name(name):
+    return name.replace(" eager", "") + " compiled"
+
+
+def _compiled_rows(eager):
+    """{row: (eager row it compiles, torch.compile keywords)} for --compile, in the order they
+    compile, so that a time budget spent early leaves the least telling ones out: the
+    references and the default first."""
+    first = [BASELINE, "tt_kernels default", "bound"]
+    rows = {compiled_name(name): (name, dict(fullgraph=True)) for name in first}
+    rows["timm CUDA graphs"] = (BASELINE, dict(fullgraph=True, mode="reduce-overhead"))
+    rows.update((compiled_name(name), (name, dict(fullgraph=True)))
+                for name in eager if name not in first)
+    return rows
+
+
+def run_case(eager, base, n0, args, batch, log, deadline):
+    """Every row of one (model, batch): dict row -> result."""
+    device, amp_dtype = args.device, args.amp_dtype
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, *base.patch_embed.img_size, generator=gen).to(
+        device=device, dtype=args.input_dtype)
+    full = tt_kernels.vit_flops(base, n0, [0] * len(base.blocks))
+    results, fns = {}, {}
+    candidates = {name: (model, None, counter) for name, (model, counter) in eager.items()}
+    if args.compile:
+        torch._dynamo.reset()  # each case compiles anew for its batch (dynamic=False)
+        for name, (source, options) in _compiled_rows(eager).items():
+            model, counter = eager[source]
+            candidates[name] = (model, options, counter)
+    for name, (model, options, counter) in candidates.items():
+        if options is not None and options.get("mode") == "reduce-overhead" and \
+                device.type != "cuda":
+            results[name] = dict(status="skipped", reason="CUDA graphs need a CUDA device")
+            continue
+        if time.perf_counter() > deadline:
+            results[name] = dict(status="skipped", reason="time budget")
+            continue
+        try:
+            run = _runner(model, amp_dtype, device.type)
+            out, counts = token_counts(model, run, x)  # eager: the token counts each block ran
+            schedule = [n_in - n_out for n_in, n_out in counts]
+            flops = tt_kernels.vit_flops(base, n0, schedule, **counter)
+            tr = getattr(model, "token_reduction", None)
+            if tr is not None and (tr.schedule != schedule or
+                                   not math.isclose(tr.schedule_flops(base, n0), flops)):
+                raise RuntimeError(f"token_reduction.schedule {tr.schedule} (FLOPs "
+                                   f"{tr.schedule_flops(base, n0)}) is not what ran: {schedule} "
+                                   f"({flops})")
+            if options is not None:
+                started = time.perf_counter()
+                run = _runner(torch.compile(model, dynamic=False, **options), amp_dtype,
+                              device.type)
+                with torch.inference_mode():
+                    out = run(x)  # compiles now, so a failure is this row's alone
+                log(f"  compiled {name} in {time.perf_counter() - started:.1f} s")
+            results[name] = dict(status="ok", schedule=schedule, tokens=[n for _, n in counts],
+                                 flops_fraction=flops / full, output_shape=list(out.shape))
+            fns[name] = run
+        except Exception as exc:  # noqa: BLE001 - the row records why; the bench goes on
+            results[name] = dict(status="error", error=_error(exc))
+            log(f"  {name}: {results[name]['error']}")
+    bound_schedule = results.get("bound", {}).get("schedule")
+    default_schedule = results.get("tt_kernels default", {}).get("schedule")
+    if None not in (bound_schedule, default_schedule) and bound_schedule != default_schedule:
+        raise RuntimeError(f"the bound ran {bound_schedule}, the default {default_schedule}")
+    if device.type == "cuda":
+        seconds, iters = cuda_interleaved_seconds(fns, x, args.repeats, args.warmup)
+    else:
+        seconds, iters = interleaved_seconds(fns, x, args.repeats, args.warmup), None
+    for name, s in seconds.items():
+        results[name].update(ms=s * 1e3, images_per_s=batch / s)
+        if iters:
+            results[name]["forwards_per_turn"] = iters[name]
+    for name, row in results.items():
+        if "ms" not in row:
+            continue
+        if BASELINE in seconds:
+            row["speedup"] = seconds[BASELINE] / seconds[name]
+        reference = _bound_of(name)
+        if reference and reference in seconds:
+            row["bound_row"] = reference
+            row["of_bound"] = seconds[reference] / seconds[name]
+    return results
+
+
+def _bound_of(name):
+    """The row whose time is `name`'s zero-overhead bound: r=0's is timm, a reducing row's the
+    bound, each in the same compile mode; None for the references themselves."""
+    compiled = compiled_name if name.endswith(" compiled") else (lambda same: same)
+    if name.startswith("tt_kernels r=0"):
+        return compiled(BASELINE)
+    if name.startswith(("tt_kernels", "ToMe")):
+        return compiled("bound")
+    return None
+
+
+# ----------------------------------------------------------------------------- output
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_info(device):
+    if device.type != "cuda":
+        return {"type": "cpu", "threads": torch.get_num_threads()}
+    p = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": torch.cuda.get_device_name(device),
+            "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+def versions():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "timm": timm.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+
+
+def file_name(model_name, device, info):
+    if device.type == "cuda":
+        return f"model-{slug(torch.cuda.get_device_name(device))}-{model_name}.json"
+    return (f"model-{model_name}-{info['cpu_model'].split()[0].lower()}"
+            f"-{info['usable_cpus']}c.json")
+
+
+def case_table(results):
+    lines = [f"  {'row':36s} {'ms':>9s} {'img/s':>9s} {'speedup':>8s} {'of bound':>8s} "
+             f"{'FLOPs':>6s}"]
+    for name, row in results.items():
+        if "ms" not in row:
+            lines.append(f"  {name:36s} {row['status']}: {row.get('reason', row.get('error'))}"
+                         [:110])
+            continue
+        of_bound = f"{row['of_bound']:.2f}" if "of_bound" in row else "-"
+        lines.append(f"  {name:36s} {row['ms']:9.2f} {row['images_per_s']:9.1f} "
+                     f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} "
+                     f"{row['flops_fraction']:6.3f}")
+    return "\n".join(lines)
+
+
+def summary(record):
+    """One model's rows against its batches: speedup over timm eager (fraction of bound)."""
+    cases = record["cases"]
+    names = list(dict.fromkeys(n for c in cases for n in c.get("rows", {})))
+    head = f"{'row':36s}" + "".join(f"{'b=' + str(c['batch']):>15s}" for c in cases)
+    lines = [f"== {record['model']} ({record['img_size']} px), {record['device']['type']} "
+             f"{record['device'].get('name', record['machine']['cpu_model'])}, "
+             f"{record['dtype']}{' amp' if record['amp'] else ''}, FLOPs budget "
+             f"{record['budget']}: speedup over timm eager (of bound) ==", head]
+    for name in names:
+        cells = []
+        for c in cases:
+            row = c.get("rows", {}).get(name)
+            if row is None or "speedup" not in row:
+                cells.append(row["status"] if row else c["status"])
+            else:
+                cells.append(f"{row['speedup']:.2f}x" +
+                             (f" ({row['of_bound']:.2f})" if "of_bound" in row else ""))
+        lines.append(f"{name:36s}" + "".join(f"{cell:>15s}" for cell in cells))
+    lines.append(f"{'timm eager images/s':36s}" + "".join(
+        f"{c['rows'][BASELINE]['images_per_s']:15.1f}" if "ms" in c.get("rows", {}).get(
+            BASELINE, {}) else f"{'-':>15s}" for c in cases))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--amp", action="store_true",
+                   help="autocast to --dtype with fp32 weights, instead of casting the weights")
+    p.add_argument("--batch", default=None,
+                   help="comma list of batch sizes (default: cpu 1,16; cuda 1,64,256)")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile rows (and CUDA graphs on a GPU)")
+    p.add_argument("--models", default="deit_small_patch16_224", help="comma list of timm names")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size instead of each model's default")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help="JSON of further timm.create_model keywords, e.g. '{\"depth\": 4}'")
+    p.add_argument("--budget", type=float, default=0.6, help="FLOPs fraction of the unreduced")
+    p.add_argument("--repeats", type=int, default=None, help="timed turns (cpu 7, cuda 5)")
+    p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; rows and cases left when it is spent are recorded as skipped")
+    p.add_argument("--out-dir", action="append", default=None,
+                   help="folder for the JSON files (repeatable; default bench/results)")
+    args = p.parse_args(argv)
+    defaults = DEFAULTS[args.device]
+    args.batches = [int(b) for b in (args.batch or defaults["batch"]).split(",")]
+    args.repeats = defaults["repeats"] if args.repeats is None else args.repeats
+    args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    args.models = args.models.split(",")
+    if args.amp and args.dtype == "fp32":
+        p.error("--amp autocasts to a lower precision: give --dtype bf16 or fp16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if min(args.batches) < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    args.device = torch.device(args.device)
+    args.amp_dtype = DTYPES[args.dtype] if args.amp else None
+    args.weight_dtype = torch.float32 if args.amp else DTYPES[args.dtype]
+    args.input_dtype = args.weight_dtype
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + args.time_budget if args.time_budget is not None else math.inf
+
+    def log(text):
+        print(f"[bench_model +{time.perf_counter() - started:.1f}s] {text}", flush=True)
+
+    if args.compile:
+        # every compiled row of a case enters VisionTransformer.forward: more entries than the
+        # default 8, and past the limit dynamo would silently run eager
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    info, out_dirs = machine_info(), [Path(d) for d in args.out_dir or [HERE / "results"]]
+    records = []
+    for model_name in args.models:
+        torch.manual_seed(0)
+        kwargs = dict(args.model_kwargs, **({"img_size": args.img_size} if args.img_size else {}))
+        base = timm.create_model(model_name, pretrained=False, **kwargs).eval()
+        n0 = base.patch_embed.num_patches + base.num_prefix_tokens
+        eager = eager_models(base, args.budget)
+        for model, _ in eager.values():
+            model.to(device=args.device, dtype=args.weight_dtype)
+        record = {"model": model_name, "model_kwargs": kwargs,
+                  "img_size": list(base.patch_embed.img_size), "tokens": n0,
+                  "depth": len(base.blocks), "device": device_info(args.device),
+                  "versions": versions(), "dtype": args.dtype, "amp": args.amp,
+                  "compile": args.compile, "budget": args.budget, "repeats": args.repeats,
+                  "warmup": args.warmup,
+                  "timing": "CUDA events, median of interleaved turns" if
+                  args.device.type == "cuda" else "perf_counter, median of interleaved turns",
+                  "machine": info, "cases": []}
+        for batch in args.batches:
+            if time.perf_counter() > deadline:
+                record["cases"].append(dict(batch=batch, status="skipped", reason="time budget"))
+                log(f"{model_name} batch {batch}: skipped (time budget)")
+                continue
+            log(f"{model_name} batch {batch}: building, compiling and timing")
+            results = run_case(eager, base, n0, args, batch, log, deadline)
+            record["cases"].append(dict(batch=batch, status="done", rows=results))
+            log(f"{model_name} batch {batch} {args.dtype}{' amp' if args.amp else ''}:\n"
+                f"{case_table(results)}")
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()
+        record["elapsed_s"] = time.perf_counter() - started
+        for out_dir in out_dirs:  # after every model, so a run cut short keeps what it measured
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / file_name(model_name, args.device, info)
+            path.write_text(json.dumps(record, indent=1) + "\n")
+            log(f"wrote {path}")
+        records.append(record)
+        del eager, base
+    print()
+    for record in records:
+        print(summary(record))
+    print(f"bench_model: {time.perf_counter() - started:.1f} s in all")
+    return records
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""bench/bench_model.py as a CPU dry run of the end-to-end benchmark, on a tiny timm ViT: every row
+timed, FLOPs within the budget, and a zero-overhead bound that runs the patched default's token
+schedule."""
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import tt_kernels
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_model", Path(__file__).resolve().parent.parent / "bench" / "bench_model.py")
+bench_model = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench_model)
+
+NAME = "vit_tiny_patch16_224"
+TINY = dict(img_size=96, depth=4)  # 37 tokens: the default and tome solve different schedules
+BUDGET = 0.6
+ARGV = ["--device", "cpu", "--models", NAME, "--model-kwargs", json.dumps(TINY),
+        "--budget", str(BUDGET), "--repeats", "1", "--warmup", "0"]
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return timm.create_model(NAME, pretrained=False, **TINY).eval()
+
+
+def _tokens_per_block(model, x):
+    """The output and the tokens each block returns, counted with forward hooks."""
+    counts = []
+    hooks = [b.register_forward_hook(lambda m, i, out: counts.append(out.shape[1]))
+             for b in model.blocks]
+    with torch.no_grad():
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    return out, counts
+
+
+def _record(out_dir):
+    (path,) = out_dir.glob(f"model-{NAME}-*.json")
+    return json.loads(path.read_text())
+
+
+def _default_schedule():
+    patched = tt_kernels.patch(_tiny(), flops=BUDGET)
+    with torch.no_grad():
+        patched(torch.randn(1, 3, 96, 96))
+    return patched.token_reduction.schedule
+
+
+def test_every_row_at_every_batch(tmp_path):
+    bench_model.main(ARGV + ["--batch", "1,2", "--out-dir", str(tmp_path)])
+    record = _record(tmp_path)
+    n0 = 37
+    r_tome = bench_model.constant_r(_tiny(), n0, BUDGET)
+    reducing = ["tt_kernels default", "tt_kernels tome", f"ToMe published patch (r={r_tome})"]
+    unreduced = ["timm eager", "tt_kernels r=0"]
+    schedule = _default_schedule()
+    assert sum(schedule) > 0  # the budget removes tokens, so the rows below differ
+    assert record["cases"][0]["rows"]["tt_kernels tome"]["schedule"] != schedule  # told apart
+    assert [case["batch"] for case in record["cases"]] == [1, 2]
+    for case in record["cases"]:
+        rows = case["rows"]
+        assert set(rows) == set(reducing + unreduced + ["bound"])
+        for name, row in rows.items():
+            assert row["status"] == "ok", (name, row)
+            assert row["ms"] > 0 and math.isclose(row["images_per_s"],
+                                                  case["batch"] / row["ms"] * 1e3)
+            assert row["output_shape"] == [case["batch"], 1000]
+        assert rows["timm eager"]["speedup"] == 1.0
+        for name in unreduced:
+            assert rows[name]["flops_fraction"] == 1.0 and sum(rows[name]["schedule"]) == 0
+        for name in reducing:  # met from below; ToMe's constant r lands coarser
+            assert 0.5 < rows[name]["flops_fraction"] <= BUDGET, name
+            assert rows[name]["bound_row"] == "bound" and rows[name]["of_bound"] > 0
+        assert rows["tt_kernels r=0"]["bound_row"] == "timm eager"
+        assert rows["bound"]["schedule"] == rows["tt_kernels default"]["schedule"] == schedule
+        # the bound computes no similarity: below the default by that alone
+        assert rows["bound"]["flops_fraction"] < rows["tt_kernels default"]["flops_fraction"]
+
+
+def test_bound_runs_the_default_token_counts():
+    """Block by block, the bound keeps as many tokens as the patched default, and ends in the
+    same output shape."""
+    base, x = _tiny(), torch.randn(2, 3, 96, 96)
+    patched = tt_kernels.patch(copy.deepcopy(base), flops=BUDGET)
+    want, want_counts = _tokens_per_block(patched, x)
+    bound = bench_model.zero_overhead_bound(copy.deepcopy(base), patched.token_reduction.schedule)
+    got, got_counts = _tokens_per_block(bound, x)
+    assert got_counts == want_counts and got.shape == want.shape
+    assert want_counts[-1] < 37  # tokens did leave
+
+
+def test_a_failing_row_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
+    def broken(model, r):
+        def forward(x):
+            raise RuntimeError("this row cannot run")
+        model.forward = forward
+        return model
+
+    monkeypatch.setattr(bench_model, "tome_published", broken)
+    bench_model.main(ARGV + ["--batch", "1", "--out-dir", str(tmp_path)])
+    rows = _record(tmp_path)["cases"][0]["rows"]
+    failed = [name for name, row in rows.items() if row["status"] != "ok"]
+    assert len(failed) == 1 and failed[0].startswith("ToMe published patch")
+    assert rows[failed[0]] == dict(status="error", error="RuntimeError: this row cannot run")
+    assert all("ms" in row for name, row in rows.items() if name not in failed)
+
+
+def test_the_bound_needs_one_r_per_block():
+    with pytest.raises(ValueError, match="one r per block"):
+        bench_model.zero_overhead_bound(_tiny(), [1, 2])
