@@ -3,6 +3,11 @@ the float64 spec softmax(q k^T * scale + log s) v to rounding, and a patched tim
 same with either."""
 import copy
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,20 +250,50 @@ def test_compile_fullgraph_column():
 
 
 @CUDA
+@pytest.mark.parametrize("form", ["column", "mask", "cudnn"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_forms_on_their_kernels(dtype):
+def test_cuda_forms_on_their_kernels(dtype, form):
     """On a GPU: the column runs on flash itself, the mask on the memory-efficient kernel and on
-    cuDNN's, each within the spec's bound; auto picks CUDA_AUTO's form."""
+    cuDNN's, each within the spec's bound."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    backend, call = {"column": (SDPBackend.FLASH_ATTENTION, _column_form),
+                     "mask": (SDPBackend.EFFICIENT_ATTENTION, _mask_form),
+                     "cudnn": (SDPBackend.CUDNN_ATTENTION, _mask_form)}[form]
     q, k, v, size = _qkv_size(4, 6, 197, 64, dtype, device="cuda")
+    with sdpa_kernel([backend]):
+        got = call(q, k, v, size)
     want, bound = attention.reference(q, k, v, size), attention.error_bound(q, k, v, size)
-    runs = {"column": (SDPBackend.FLASH_ATTENTION, _column_form),
-            "mask": (SDPBackend.EFFICIENT_ATTENTION, _mask_form),
-            "cudnn": (SDPBackend.CUDNN_ATTENTION, _mask_form)}
-    for name, (backend, form) in runs.items():
-        with sdpa_kernel([backend]):
-            got = form(q, k, v, size)
-        assert ((got.double() - want).abs() <= bound).all(), name
-    attn = Attention(384, num_heads=6).cuda()
-    assert attention.resolve("auto", attn, q) == attention.CUDA_AUTO[dtype]
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_patched_model_auto_is_the_mask_to_rounding(dtype, monkeypatch):
+    """auto on CUDA takes CUDA_AUTO's form, which gives the mask form's model to rounding."""
+    calls = _recording_sdpa(monkeypatch)
+    models = {form: tt_kernels.patch(_model(), r=6, attention=form).to("cuda", dtype)
+              for form in ("mask", "auto")}
+    with torch.no_grad():
+        want = models["mask"](_images().to("cuda", dtype))
+        calls[:] = []
+        got = models["auto"](_images().to("cuda", dtype))
+    width = 24 if attention.CUDA_AUTO[dtype] == "column" else 16
+    assert [q.shape[-1] for q, _, _, _ in calls[1:]] == [width] * 3
+    _assert_within_rounding(got, want, dtype)
+
+
+def test_the_gpu_bench_dry_run(tmp_path):
+    """bench/bench_attention.py --smoke: every form checked against the spec and timed, on the
+    CPU, as the GPU run will (cuDNN, CUDA only, skipped)."""
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "bench/bench_attention.py", "--smoke", "--out-dir",
+                          str(tmp_path)], cwd=root, env=dict(os.environ, PYTHONPATH=path),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
+    assert result["complete"] and not result["failures"] and len(result["cases"]) == 8
+    for case in result["cases"]:
+        assert case["forms"].pop("cudnn") == {"ms": None, "skipped": "CUDA only"}
+        assert all(r["ok"] and r["ms"] > 0 for r in case["forms"].values())

@@ -5,8 +5,8 @@ A token that stands for s patches is attended to as s copies of itself: every ke
 every query, so it can enter SDPA in three exact forms (setting `attention` of tt_kernels.patch):
 
 "mask"    an additive float attn_mask [B, 1, 1, N] (broadcast, never [B, H, N, N]) in q's dtype.
-          Any float mask takes SDPA off the flash kernel (onto the memory-efficient or cuDNN
-          kernel); a half q with an fp32 mask is misread by cuDNN (pytorch#191612), so the mask
+          On CUDA any float mask takes SDPA off the flash kernel (onto the memory-efficient or
+          cuDNN kernel); a half q with an fp32 mask is misread by cuDNN (pytorch#191612), so the mask
           always has q's dtype; it is a view of a buffer padded to a multiple of 8 keys, the
           alignment the memory-efficient kernel needs to read it in place instead of copying it.
 "column"  the bias as one more head dimension, which keeps SDPA on flash: q gets a column of
