@@ -35,8 +35,9 @@ def rows_kernel(dst_ptr, weight_ptr, start_ptr, entry_ptr, NK, N_OUT, NKP: tl.co
                NK, N_OUT, NKP, ROWS_P)
 
 
-SUM, MEAN, NORM = 0, 1, 2
-MODES = {"sum": SUM, "mean": MEAN, "norm": NORM}
+# Compile-time constants, as match.py's methods.
+SUM, MEAN, NORM = (tl.constexpr(i) for i in range(3))
+MODES = {"sum": SUM.value, "mean": MEAN.value, "norm": NORM.value}
 
 
 @triton.jit

@@ -11,8 +11,11 @@ import triton.language as tl
 from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
 from .apply import build_rows
 
-PRUNE, EVIT, TOME, TRANSFORM = 0, 1, 2, 3
-METHOD_IDS = {"prune": PRUNE, "evit": EVIT, "tome": TOME, "transform": TRANSFORM}
+# Compile-time constants: Triton lets @jit code read a global only when it is a tl.constexpr (the
+# interpreter reads any global, so only a compile catches a plain int here).
+PRUNE, EVIT, TOME, TRANSFORM = (tl.constexpr(i) for i in range(4))
+METHOD_IDS = {"prune": PRUNE.value, "evit": EVIT.value, "tome": TOME.value,
+              "transform": TRANSFORM.value}
 
 
 @triton.jit
@@ -238,16 +241,43 @@ def pow2(n, least=16):
     return max(triton.next_power_of_2(max(n, 1)), least)
 
 
+# One program holds an image's similarity tile [BM, NP] (NP = N rounded up to a power of 2) and
+# stages its [DC, NP] fp32 operand in shared memory, NP * DC * 4 bytes per pipeline stage: at
+# NP = 4096 a single stage takes 256 KB, above the 227 KB (232448 bytes) a block may use on an
+# H100/H200. So N <= 2048; larger images need the CUDA or reference backend.
+MAX_TOKENS = 2048
+# (num_warps, num_stages) by NP, from sm_90 compiles of the heaviest variant (transform, k = 4,
+# Ward, alpha mix, fp32 metric; triton 3.8): more warps shrink each thread's share of the [BM, NP]
+# tiles, and a second stage stages the operand in shared memory rather than registers where it
+# fits. With 4 warps and 3 stages NP = 512 spilled 208 bytes a thread, NP = 1024 1.3 KB, and
+# NP = 2048 needed 387 KB of shared memory (2 stages: 258 KB). Chosen, shared / spills a thread:
+# 256: 51 KB / 0; 512: 66 KB / 0; 1024: 130 KB / 72 B; 2048: 129 KB / 1.3 KB (16 warps: more).
+_WARPS_STAGES = {256: (4, 3), 512: (8, 2), 1024: (8, 2), 2048: (8, 1)}
+
+
+def match_config(N):
+    """match_kernel's tiles and launch options for images of N tokens."""
+    if N > MAX_TOKENS:
+        raise ValueError(f"the Triton match kernel supports images of at most {MAX_TOKENS} tokens "
+                         f"(its similarity tiles must fit in shared memory), got N = {N}; use "
+                         "the CUDA or reference backend")
+    NP = pow2(N)
+    num_warps, num_stages = _WARPS_STAGES[max(NP, 256)]
+    # tl.dot needs tiles of at least 16 x 16: BM rows against all NP columns, DC channels a step
+    return dict(NP=NP, BM=16, DC=16, num_warps=num_warps, num_stages=num_stages)
+
+
 def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost="cosine",
                  rows=None):
     """Runs match_kernel on checked inputs; `rows` = (start, entry) buffers to fill as well."""
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
-    method_id = METHOD_IDS[method]
-    K = k if method_id == TRANSFORM else 1
-    alpha = float(alpha) if method_id == TRANSFORM else 0.0  # as the C++ checks: transform only
-    by_importance = method_id in (PRUNE, EVIT) or alpha == 1
-    NP = pow2(N)
+    config = match_config(N)
+    transform = method == "transform"
+    K = k if transform else 1
+    alpha = float(alpha) if transform else 0.0  # as the C++ checks: transform only
+    by_importance = method in ("prune", "evit") or alpha == 1
+    NP = config["NP"]
     dst = torch.empty(B, N, K, dtype=torch.long, device=ref.device)
     weight = torch.empty(B, N, K, dtype=torch.float32, device=ref.device)
     if B == 0 or N == 0:
@@ -259,16 +289,16 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
         metric = ref.new_zeros(B, N, 1)
     score = score.contiguous() if score is not None else weight  # unread without a score
     size = size.contiguous() if size is not None else torch.ones(B, N, device=ref.device)
-    n_keep = N - r - prefix - (1 if method_id == EVIT and r > 0 else 0)
+    n_keep = N - r - prefix - (1 if method == "evit" and r > 0 else 0)
     start, entry = rows if rows is not None else (dst, dst)
     match_kernel[(B,)](
         metric, score, size, dst, weight, norm, key, best, keep, out_rows, start, entry,
         N, metric.shape[2], r, prefix, n_keep, float(1 - alpha), float(alpha), float(tau),
         metric.stride(0), metric.stride(1), metric.stride(2),
-        METHOD=method_id, BY_IMPORTANCE=by_importance, MIX=0 < alpha < 1,
-        TARGETS_B=targets == "b", WARD=cost == "ward", K=K, NP=NP, BM=16, DC=16, BUILD_ROWS=rows is not None,
+        METHOD=METHOD_IDS[method], BY_IMPORTANCE=by_importance, MIX=0 < alpha < 1,
+        TARGETS_B=targets == "b", WARD=cost == "ward", K=K, BUILD_ROWS=rows is not None,
         NKP=entry.shape[-1] if rows is not None else 1,
-        ROWS_P=start.shape[-1] if rows is not None else 1)
+        ROWS_P=start.shape[-1] if rows is not None else 1, **config)
     return dst, weight
 
 
