@@ -12,9 +12,10 @@ The default is the configuration that kept the most fidelity at equal FLOPs in
 bench/sweep_fidelity.py: Ward's merge cost on the full queries, each removed token merged whole
 (k=1) into its closest B token (ToMe's bipartite sets), merged tokens keeping their inputs' mean
 norm. method="tome" is ToMe exactly (bipartite cosine matching on head-averaged keys,
-size-weighted mean). Attention stays timm's own, fused SDPA included: proportional
-attention enters as its additive float `attn_mask` (+log size per key), and while every size is 1
-no mask is passed at all, so a model with nothing to remove runs exactly as unpatched.
+size-weighted mean). Attention stays timm's own, fused SDPA included: proportional attention's
++log(size) per key enters SDPA in the form `attention=` chooses (tt_kernels.attention: a mask in
+q's dtype, or an extra head column that keeps the flash kernel), and while every size is 1 nothing
+is added, so a model with nothing to remove runs exactly as unpatched.
 """
 import numbers
 import types
