@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -490,9 +491,13 @@ def main(argv=None):
                 log(f"{model_name} batch {batch}: skipped (time budget)")
                 continue
             log(f"{model_name} batch {batch}: building, compiling and timing")
+            load = os.getloadavg()[0]
             results = run_case(eager, base, n0, args, batch, log, deadline)
-            record["cases"].append(dict(batch=batch, status="done", rows=results))
-            log(f"{model_name} batch {batch} {args.dtype}{' amp' if args.amp else ''}:\n"
+            # other work on the machine shows in the times: the 1-minute load before and after
+            record["cases"].append(dict(batch=batch, status="done", rows=results,
+                                        load_average=[load, os.getloadavg()[0]]))
+            log(f"{model_name} batch {batch} {args.dtype}{' amp' if args.amp else ''} (load "
+                f"average {load:.1f} -> {os.getloadavg()[0]:.1f}):\n"
                 f"{case_table(results)}")
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
