@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The oldest stack tt_kernels claims, torch 2.11.0 (the cu130 build, as on our GPU machine) with
 # triton 3.6.0, checked on a CPU: build the extension (C++ and CUDA) for it, then run the Triton
-# tests (interpreter), the host build of the CUDA code (tests/cuda_on_host), the build and the
-# opcheck tests. The full suite runs on the main stack (.ci/run).
+# tests (interpreter), every Triton kernel compiled for sm_90, the self-test's checks, the host
+# build of the CUDA code (tests/cuda_on_host), the build and the opcheck tests. The full suite runs
+# on the main stack (.ci/run).
 #
 #   bash scripts/check_oldest_stack.sh             # extra arguments go to pytest (e.g. -x)
 #
@@ -93,6 +94,7 @@ for module in (tt_kernels, tk):
 print(json.dumps(tt_kernels.build_info()))
 EOF
 "$PY" -m pytest -q -p no:cacheprovider "$SRC/tests/test_triton.py" "$SRC/tests/test_build.py" \
+  "$SRC/tests/test_triton_compile.py" "$SRC/tests/test_selftest.py" \
   "$SRC/tests/test_opcheck.py" "$SRC/tests/test_ops_vs_reference.py" \
   -k "not test_ops_vs_reference or cuda-on-host or shared_memory_plans" "$@"
 step "done"
