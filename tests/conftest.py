@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tt_kernels
+from tt_kernels.verify import (U32, apply_magnitude, cls_attention_tol, cosine_error,  # noqa: F401
+                               sum_tol, unit_roundoff, weight_tol, x_tol)
 
 # The tests that run something on a CUDA device when there is one get the `gpu` marker: the GPU
 # run selects them (`pytest -m gpu`, scripts/gpu_check.sh) and leaves the rest (CPU kernels, the
@@ -29,6 +31,7 @@ GPU_TESTS = {"test_api.py": {"test_triton_backend_has_the_gradients_of_the_ops"}
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on a CUDA device when one is present (the GPU "
                                        "run's selection: pytest -m gpu)")
+    config.addinivalue_line("markers", "slow: compiles for long (Triton kernels at N >= 577)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,69 +50,8 @@ def pytest_collection_modifyitems(config, items):
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Tolerances are bounds from the arithmetic, never what one machine printed. u is a dtype's unit
-# roundoff: one rounding moves a value by at most u of itself. A sum of n fp32 terms, in any order,
-# errs by at most (n - 1) u times the sum of the terms' magnitudes (Higham, Accuracy and Stability
-# of Numerical Algorithms, 2nd ed., section 3.1), so kernels and the reference, which sum in other
-# orders (and BLAS in another order on each CPU), may differ by twice that. The reference builds T
-# in float64: its own error is nil beside the kernels' fp32 one.
-U32 = torch.finfo(torch.float32).eps / 2
-
-
-def unit_roundoff(dtype):
-    return torch.finfo(dtype).eps / 2
-
-
-def cosine_error(D):
-    """Bound on an fp32 cosine of two D-long vectors against the exact one: D u from the dot
-    product's sum (relative to |a| |b|), D u from the two sums of squares (halved by the square
-    roots, counted whole), and a few u from the products and quotients."""
-    return (2 * D + 6) * U32
-
-
-def weight_tol(D=16, tau=0.1, size_max=4.0, N=257):
-    """T's fp32 weights against the float64 reference's, dst being equal. A softmax weight moves by
-    at most eps / (2 tau) when its affinities move by at most eps (|dw_i| = w_i |da_i - sum_j w_j
-    da_j| / tau <= w_i (1 - w_i) 2 eps / tau); an affinity errs by the cosine's error, times Ward's
-    size_i size_j / (size_i + size_j) <= size_max / 2. evit's weights are quotients of N-term
-    sums: (2N + 4) u of themselves. Weights of 0 or 1 (prune, tome, k = 1) come out exact."""
-    pair = max(size_max / 2, 1.0)
-    return dict(atol=pair * cosine_error(D) / (2 * tau), rtol=(2 * N + 4) * U32)
-
-
-def sum_tol(terms):
-    """Sums of `terms` non-negative fp32 products (sizes): (terms - 1) u of the sum, per side."""
-    return dict(rtol=2 * terms * U32, atol=0.0)
-
-
-def x_tol(dtype, terms=257, channels=24, magnitude=5.0):
-    """Outputs in x's dtype that mix at most `terms` inputs with weights summing to 1 (mode mean;
-    norm rescales by norms of `channels`-long rows): both sides' fp32 sums err by (terms + 2
-    channels + 4) u of the largest |x|, and each then rounds once to the dtype (u of itself).
-    make_tokens draws x from N(0, 1) with fixed seeds: |x| < 5."""
-    fp32 = 2 * (terms + 2 * channels + 4) * U32 * magnitude
-    return dict(rtol=2 * unit_roundoff(dtype) + fp32 / magnitude, atol=fp32)
-
-
-def cls_attention_tol(q, k, scale=None):
-    """A logit q.k * scale errs by (D + 2) u of sum_d |q_d k_d| * scale on each side; softmax turns
-    logit errors of at most e into relative errors of at most 2 e (the head mean keeps them)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    magnitude = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].double().abs(), k.double().abs())
-    logit = 2 * (q.shape[-1] + 2) * U32 * float(magnitude.max()) * abs(scale)
-    return dict(rtol=2 * logit + 4 * U32, atol=0.0)
-
-
-def apply_magnitude(t, dst, weight):
-    """The largest sum of |products| an apply of T forms from make_tokens' x (what x_tol scales):
-    T applied to |x| in mode sum, where weights need not sum to 1 (evit's exceed 1)."""
-    from tt_kernels import reference
-
-    n_out = int(dst.max()) + 1 if dst.numel() else 0
-    out, _ = reference.apply(t["x"].abs().float(), t["size"], dst, weight, n_out, "sum")
-    return max(float(out.max()) if out.numel() else 0.0, float(t["x"].abs().max()))
-
-
+# Tolerances are bounds from the arithmetic, never what one machine printed: tt_kernels.verify
+# derives them (and judges near ties), for the tests, the benchmarks and the self-test alike.
 # make_tokens' inputs: D = 16, C = 24, sizes in [1, 4], N <= 257, tau = 0.1.
 WEIGHT_TOL = weight_tol()
 SIZE_TOL = sum_tol(257)

@@ -61,7 +61,7 @@ def test_apply_untransform_restore_backends_agree(dtype, mode):
     T = tt_kernels.match(t["metric"], 50, score=t["score"], k=4, source="mix")
     out = {b: tt_kernels.apply(t["x"], T, t["size"], mode, backend=b) for b in ("reference", "cpu")}
     torch.testing.assert_close(out["cpu"][0], out["reference"][0],
-                               **x_tol(dtype, magnitude=apply_magnitude(t, T.dst, T.weight)))
+                               **x_tol(dtype, magnitude=apply_magnitude(t["x"], t["size"], T.dst, T.weight)))
     torch.testing.assert_close(out["cpu"][1], out["reference"][1], **SIZE_TOL)
     y = out["cpu"][0]
     back = {b: tt_kernels.untransform(y, T, backend=b) for b in ("reference", "cpu")}

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from conftest import (DTYPES, SIZE_TOL, WEIGHT_TOL, apply_magnitude, cls_attention_tol,
-                      construction_kwargs, cosine_error, cuda_kernels_on_host, make_tokens,
+                      construction_kwargs, cuda_kernels_on_host, make_tokens,
                       non_contiguous, r_for, sum_tol, weight_tol, x_tol)
-from tt_kernels import reference
+from tt_kernels import reference, verify
 
 ops = torch.ops.tt
 
@@ -132,50 +132,16 @@ def _inputs(case):
     return t, dict(r=case["r"], method=case["method"], prefix=case["prefix"], **kw)
 
 
-def _decision_gaps(t, args):
-    """The float64 gaps between the affinities each choice compares: every A token's best B token
-    against its second best, the r-th removal key against the (r + 1)-th, and each removed
-    token's k + 1 best targets in order (they fill the slots). Exact ties (gap 0) excluded: equal
-    inputs give equal fp32 values, and both sides take the lower index."""
-    ref = reference.constructions
-    a = {**dict(k=1, alpha=0.0, targets="all", cost="cosine"), **args}
-    N, P = t["metric"].shape[1], a["prefix"]
-    is_a, is_b = ref.bipartite_sets(N, P)
-    aff = ref.affinity(t["metric"], t["size"], a["cost"])
-    to_b = aff[:, is_a][:, :, is_b]
-
-    def ordered_gaps(values, count):
-        top = values.sort(-1, descending=True).values[..., :count + 1]
-        return (top[..., :-1] - top[..., 1:]).flatten()
-
-    gaps = [ordered_gaps(to_b, 1)]
-    key = to_b.amax(-1)
-    if a["alpha"] > 0:
-        key = key * (1 - a["alpha"]) + ref._unimportance(t["score"], P)[:, is_a] * a["alpha"]
-    ranked = key.sort(-1, descending=True).values
-    if 0 < a["r"] < ranked.shape[1]:
-        gaps.append(ranked[:, a["r"] - 1] - ranked[:, a["r"]])
-    if a["method"] == "transform":
-        removed = is_a.nonzero()[:, 0][ref._largest(key, a["r"])]  # [B, r]
-        keep = torch.ones_like(aff[..., 0], dtype=torch.bool).scatter_(1, removed, False)
-        allowed = keep & (is_b if a["targets"] == "b" else torch.arange(N) >= P)
-        rows = aff.gather(1, removed[..., None].expand(-1, -1, N))
-        gaps.append(ordered_gaps(rows.masked_fill(~allowed[:, None], -torch.inf), a["k"]))
-    gaps = torch.cat(gaps)
-    return gaps[torch.isfinite(gaps) & (gaps > 0)]
-
-
 def _clear_of_near_ties(case):
     """Whether no choice in the case's inputs compares affinities closer than twice their fp32
-    error bound: then every fp32 kernel, on every CPU and BLAS path, must make the float64
-    reference's choices, and dst's exact agreement is a property of the kernels, not of the
-    machine. Choices by score compare the same fp32 values on both sides."""
-    if case["method"] not in ("tome", "transform") or case["alpha"] == 1:
-        return True
+    error bound (tt_kernels.verify.near_ties): then every fp32 kernel, on every CPU and BLAS path,
+    must make the float64 reference's choices, and dst's exact agreement is a property of the
+    kernels, not of the machine."""
     t, args = _inputs(case)
-    pair = max(float(t["size"].max()) / 2, 1.0) if case["cost"] == "ward" else 1.0
-    gaps = _decision_gaps(t, args)
-    return gaps.numel() == 0 or bool(gaps.min() > 2 * pair * cosine_error(t["metric"].shape[-1]))
+    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **args}
+    return not bool(verify.near_ties(t["metric"], t["score"], t["size"], a["r"], a["method"],
+                                     a["k"], a["tau"], a["alpha"], a["targets"], a["prefix"],
+                                     a["cost"]).any())
 
 
 def _cases():
@@ -256,7 +222,7 @@ def test_apply(tt, case, mode):
     assert x_out.dtype == t["x"].dtype and size_out.dtype == torch.float32
     torch.testing.assert_close(size_out, want_size, **SIZE_TOL)
     torch.testing.assert_close(x_out, want_x, **x_tol(case["dtype"],
-                                                      magnitude=apply_magnitude(t, dst, weight)))
+                                                      magnitude=apply_magnitude(t["x"], t["size"], dst, weight)))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -519,3 +485,26 @@ def test_cuda_shared_memory_plans(N, D, dtype):
     got = host.transform(t["x"], t["size"], t["metric"], None, args["r"], "transform", 2, 0.1, 0.0,
                          "all", 1, "norm", "ward", 0, False, False, 0, HOPPER_SHARED)
     _assert_step(got, t["x"], t["size"], t["metric"], None, args, "norm", weight_tol(D, N=N))
+
+
+# The largest image transform.cu plans for on a Hopper GPU: the metric read in place and one
+# affinity row per chunk take 7 N + 2 K words of shared memory, 28 N + 8 K bytes <= HOPPER_SHARED.
+CUDA_MAX_TOKENS = 8192
+
+
+def test_cuda_largest_image():
+    """N = CUDA_MAX_TOKENS runs under the Hopper plan and agrees with the reference; an N past
+    what any plan fits is refused with a message, not run out of bounds."""
+    host = cuda_kernels_on_host()
+    N, r = CUDA_MAX_TOKENS, CUDA_MAX_TOKENS // 8
+    t = make_tokens(1, N, C=8, D=16, seed=3)
+    args = dict(r=r, method="transform", k=2, tau=0.1, alpha=0.0, targets="b", prefix=1,
+                cost="cosine")
+    got = host.transform(t["x"], t["size"], t["metric"], None, r, "transform", 2, 0.1, 0.0, "b",
+                         1, "mean", "cosine", 0, False, False, 0, HOPPER_SHARED)
+    _assert_step(got, t["x"], t["size"], t["metric"], None, args, "mean", weight_tol(16, N=N))
+    N = HOPPER_SHARED // 28 + 1
+    t = make_tokens(1, N, C=8, D=16, seed=4)
+    with pytest.raises(RuntimeError, match=f"no plan fits {HOPPER_SHARED} bytes"):
+        host.transform(t["x"], t["size"], t["metric"], None, 1, "transform", 2, 0.1, 0.0, "b", 1,
+                       "mean", "cosine", 0, False, False, 0, HOPPER_SHARED)
