@@ -44,6 +44,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch._dynamo.utils import counters
 
 import tt_kernels
 from tt_kernels.evaluate import interleaved_seconds
@@ -166,11 +167,12 @@ def token_counts(model, run, x):
     return out, counts
 
 
-def eager_models(base, budget):
-    """{row: (model, FLOPs counter keywords)}: every eager row, each a copy of `base`."""
+def eager_models(base, budget, backend=None):
+    """{row: (model, FLOPs counter keywords)}: every eager row, each a copy of `base`; the
+    tt_kernels rows run `backend` (None: the package's default on the device)."""
     n0 = base.patch_embed.num_patches + base.num_prefix_tokens
-    default = tt_kernels.patch(copy.deepcopy(base), flops=budget)
-    tome = tt_kernels.patch(copy.deepcopy(base), flops=budget, method="tome")
+    default = tt_kernels.patch(copy.deepcopy(base), flops=budget, backend=backend)
+    tome = tt_kernels.patch(copy.deepcopy(base), flops=budget, method="tome", backend=backend)
     r_tome = constant_r(base, n0, budget)
 
     def counted(m):
@@ -182,7 +184,7 @@ def eager_models(base, budget):
         BASELINE: (base, {}),
         "tt_kernels default": (default, counted(default)),
         "tt_kernels tome": (tome, counted(tome)),
-        "tt_kernels r=0": (tt_kernels.patch(copy.deepcopy(base), r=0), {}),
+        "tt_kernels r=0": (tt_kernels.patch(copy.deepcopy(base), r=0, backend=backend), {}),
         f"ToMe published patch (r={r_tome})": (tome_published(copy.deepcopy(base), r_tome),
                                                 dict(method="tome")),
         # no similarity: FLOPs counted as for pruning, whose steps compute none
@@ -227,7 +229,7 @@ def cuda_interleaved_seconds(fns, x, repeats, warmup):
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)
-    iters = {name: max(1, min(MAX_ITERS, math.ceil(MEASURE_MS / _event_ms(fn, x, 1))))
+    iters = {name: max(1, min(MAX_ITERS, math.ceil(MEASURE_MS / max(_event_ms(fn, x, 1), 1e-3))))
              for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for _ in range(repeats):
@@ -287,15 +289,21 @@ def run_case(eager, base, n0, args, batch, log, deadline):
                 raise RuntimeError(f"token_reduction.schedule {tr.schedule} (FLOPs "
                                    f"{tr.schedule_flops(base, n0)}) is not what ran: {schedule} "
                                    f"({flops})")
+            results[name] = dict(status="ok", schedule=schedule, tokens=[n for _, n in counts],
+                                 flops_fraction=flops / full)
             if options is not None:
                 started = time.perf_counter()
+                skips = counters["inductor"]["cudagraph_skips"]
                 run = _runner(torch.compile(model, dynamic=False, **options), amp_dtype,
                               device.type)
                 with torch.inference_mode():
                     out = run(x)  # compiles now, so a failure is this row's alone
-                log(f"  compiled {name} in {time.perf_counter() - started:.1f} s")
-            results[name] = dict(status="ok", schedule=schedule, tokens=[n for _, n in counts],
-                                 flops_fraction=flops / full, output_shape=list(out.shape))
+                results[name]["compile_s"] = time.perf_counter() - started
+                if options.get("mode") == "reduce-overhead":  # inductor may decline, and say so
+                    results[name]["cudagraph_skips"] = \
+                        counters["inductor"]["cudagraph_skips"] - skips
+                log(f"  compiled {name} in {results[name]['compile_s']:.1f} s")
+            results[name]["output_shape"] = list(out.shape)
             fns[name] = run
         except Exception as exc:  # noqa: BLE001 - the row records why; the bench goes on
             results[name] = dict(status="error", error=_error(exc))
@@ -351,6 +359,17 @@ def device_info(device):
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
 
 
+def tt_backends(backend, device):
+    """The backend each op of the patched rows resolves to (or why none can run)."""
+    resolved = {}
+    for op in ("transform", "cls_attention"):
+        try:
+            resolved[op] = tt_kernels.backends.resolve(op, backend, device)
+        except ValueError as exc:
+            resolved[op] = _error(exc)
+    return resolved
+
+
 def versions():
     try:
         import triton
@@ -392,7 +411,8 @@ def summary(record):
     lines = [f"== {record['model']} ({record['img_size']} px), {record['device']['type']} "
              f"{record['device'].get('name', record['machine']['cpu_model'])}, "
              f"{record['dtype']}{' amp' if record['amp'] else ''}, FLOPs budget "
-             f"{record['budget']}: speedup over timm eager (of bound) ==", head]
+             f"{record['budget']}, tt_kernels backend {record['tt_kernels_backend']['transform']}"
+             ": speedup over timm eager (of bound) ==", head]
     for name in names:
         cells = []
         for c in cases:
@@ -428,6 +448,9 @@ def parse_args(argv):
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help="JSON of further timm.create_model keywords, e.g. '{\"depth\": 4}'")
     p.add_argument("--budget", type=float, default=0.6, help="FLOPs fraction of the unreduced")
+    p.add_argument("--backend", default=None, choices=tt_kernels.backends.BACKENDS,
+                   help="tt_kernels backend of the patched rows (default: the package's default "
+                        "on the device; on CUDA the reference until the kernels are verified)")
     p.add_argument("--repeats", type=int, default=None, help="timed turns (cpu 7, cuda 5)")
     p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -473,7 +496,7 @@ def main(argv=None):
         kwargs = dict(args.model_kwargs, **({"img_size": args.img_size} if args.img_size else {}))
         base = timm.create_model(model_name, pretrained=False, **kwargs).eval()
         n0 = base.patch_embed.num_patches + base.num_prefix_tokens
-        eager = eager_models(base, args.budget)
+        eager = eager_models(base, args.budget, args.backend)
         for model, _ in eager.values():
             model.to(device=args.device, dtype=args.weight_dtype)
         record = {"model": model_name, "model_kwargs": kwargs,
@@ -481,6 +504,7 @@ def main(argv=None):
                   "depth": len(base.blocks), "device": device_info(args.device),
                   "versions": versions(), "dtype": args.dtype, "amp": args.amp,
                   "compile": args.compile, "budget": args.budget, "repeats": args.repeats,
+                  "tt_kernels_backend": tt_backends(args.backend, args.device),
                   "warmup": args.warmup,
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else "perf_counter, median of interleaved turns",
