@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tt_kernels
+from tt_kernels.ops import ops
 from tt_kernels.verify import (U32, apply_magnitude, cls_attention_tol, cosine_error,  # noqa: F401
                                sum_tol, unit_roundoff, weight_tol, x_tol)
 
@@ -145,3 +147,42 @@ def cuda_kernels_on_host():
     if error is not None:
         raise RuntimeError("building tests/cuda_on_host failed (see the first failure)") from error
     return torch.ops.tt_host
+
+
+def host_ops(rows=32, stage=True, packed=True, threads=0):
+    """The CUDA kernels' per-image code run on the CPU (tests/cuda_on_host) with torch.ops.tt's
+    signatures and argument checks, under a plan: affinity rows per chunk, metric staged in shared
+    memory, 16-byte packs, threads (0: serial, else a block of host threads)."""
+    host = cuda_kernels_on_host()
+
+    def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+                  targets="all", prefix=1, mode="mean", cost="cosine"):
+        args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
+        ops.check_transform(x, size, metric, score, *args)
+        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads))
+
+    def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+              targets="all", prefix=1, cost="cosine"):
+        args = (r, method, k, tau, alpha, targets, prefix)
+        ops.check_match(metric, score, size, *args, cost)
+        if size is None:
+            size = torch.ones((metric if metric is not None else score).shape[:2])
+        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed,
+                             threads)
+        return out[2], out[3]
+
+    def apply(x, size, dst, weight, n_out, mode="mean"):
+        ops.check_apply(x, size, dst, weight, n_out, mode)
+        return tuple(host.apply(x, size, dst, weight, n_out, mode, rows, packed, threads))
+
+    def untransform(y, dst, weight):
+        ops.check_untransform(y, dst, weight)
+        return host.untransform(y, dst, weight, rows, packed, threads)
+
+    def cls_attention(q, k, size=None, scale=None):
+        ops.check_cls_attention(q, k, size, scale)
+        return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale,
+                                  threads)
+
+    return SimpleNamespace(match=match, transform=transform, apply=apply, untransform=untransform,
+                           cls_attention=cls_attention)

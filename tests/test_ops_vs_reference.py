@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import (DTYPES, SIZE_TOL, WEIGHT_TOL, apply_magnitude, cls_attention_tol,
-                      construction_kwargs, cuda_kernels_on_host, make_tokens,
+                      construction_kwargs, cuda_kernels_on_host, host_ops, make_tokens,
                       non_contiguous, r_for, sum_tol, weight_tol, x_tol)
 from tt_kernels import reference, verify
 
@@ -46,42 +46,6 @@ def _on_cuda(fn):
     return run
 
 
-def _host_ops(rows, stage, packed, threads):
-    host = cuda_kernels_on_host()
-
-    def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
-                  targets="all", prefix=1, mode="mean", cost="cosine"):
-        args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
-        ops.check_transform(x, size, metric, score, *args)
-        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads))
-
-    def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
-              targets="all", prefix=1, cost="cosine"):
-        args = (r, method, k, tau, alpha, targets, prefix)
-        ops.check_match(metric, score, size, *args, cost)
-        if size is None:
-            size = torch.ones((metric if metric is not None else score).shape[:2])
-        out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed,
-                             threads)
-        return out[2], out[3]
-
-    def apply(x, size, dst, weight, n_out, mode="mean"):
-        ops.check_apply(x, size, dst, weight, n_out, mode)
-        return tuple(host.apply(x, size, dst, weight, n_out, mode, rows, packed, threads))
-
-    def untransform(y, dst, weight):
-        ops.check_untransform(y, dst, weight)
-        return host.untransform(y, dst, weight, rows, packed, threads)
-
-    def cls_attention(q, k, size=None, scale=None):
-        ops.check_cls_attention(q, k, size, scale)
-        return host.cls_attention(q, k, size, k.shape[-1] ** -0.5 if scale is None else scale,
-                                  threads)
-
-    return SimpleNamespace(match=match, transform=transform, apply=apply, untransform=untransform,
-                           cls_attention=cls_attention)
-
-
 @pytest.fixture(params=ALL)
 def tt(request):
     """The backend under test, with torch.ops.tt's signatures."""
@@ -92,7 +56,7 @@ def tt(request):
             pytest.skip("needs a CUDA GPU")
         return SimpleNamespace(**{op: _on_cuda(getattr(ops, op)) for op in
                                   ("match", "apply", "untransform", "transform", "cls_attention")})
-    return _host_ops(*HOST_PLANS[request.param])
+    return host_ops(*HOST_PLANS[request.param])
 
 
 # (method, k, alpha, targets); the transform rows cover every pair of k x alpha, k x targets and

@@ -117,3 +117,15 @@ def test_main_without_a_gpu_backend_says_so(capsys, monkeypatch):
     monkeypatch.setattr(selftest, "gpu_backends", lambda device: [])
     assert selftest.main(["--device", "cpu"]) == 2
     assert "no GPU backend" in capsys.readouterr().out
+
+
+def test_cuda_kernels_pass_on_the_host():
+    """The self-test's cases with the CUDA kernels' per-image code on the CPU (the host build):
+    a dry run of what `python -m tt_kernels.selftest` checks on a GPU."""
+    from conftest import host_ops
+
+    host = host_ops()
+    results = selftest.run({"cuda-on-host": lambda op: getattr(host, op)}, TINY,
+                           (torch.float16,), CPU)["cuda-on-host"]
+    assert results["passed"], results["failed"]
+    assert results["cases"] == 2 * (2 * len(selftest.CONSTRUCTIONS) + 5)
