@@ -62,6 +62,13 @@ def test_a_wrong_kernel_fails_and_says_what():
     assert "no kernel image" in results["broken"]["failed"][0]["error"]
 
 
+def test_out_of_time_is_not_a_pass():
+    cpu = lambda op: backends.implementation(op, "cpu", CPU)  # noqa: E731
+    results = selftest.run({"cpu": cpu}, TINY, (torch.float32,), CPU, time_budget=0)["cpu"]
+    assert not results["passed"] and results["cases"] == 0 and not results["failed"]
+    assert results["skipped"] == 2 * (2 * len(selftest.CONSTRUCTIONS) + 5)
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """A CUDA device 0 with a fixed fingerprint and an empty verdict cache."""
@@ -89,6 +96,10 @@ def test_a_recorded_pass_makes_the_backend_the_default(fake_gpu, tmp_path):
     verified, evidence = verdicts.evidence("cuda", torch.device("cuda"))
     assert verified and "self-test passed" in evidence and str(path) in evidence
     assert backends.default_backend("transform", torch.device("cuda", 0)) == "cuda"
+    # another backend's verdict on this GPU is kept beside it
+    verdicts.record(fake_gpu, {"triton": {"passed": False, "cases": 3}})
+    assert verdicts.evidence("cuda", torch.device("cuda"))[0]
+    assert not verdicts.evidence("triton", torch.device("cuda"))[0]
     # another GPU (or driver, torch, build) has no verdict
     other = dict(fake_gpu, device="Other GPU")
     verdicts.record(other, {"cuda": {"passed": False}})

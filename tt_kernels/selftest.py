@@ -95,23 +95,33 @@ def cases(shapes, dtypes, device):
                 yield f"cls_attention-{tag}", "cls_attention", (t["q"], t["k"], t["size"], None)
 
 
-def run(implementations, shapes=MODELS, dtypes=DTYPES, device="cuda", log=print):
-    """Runs every case with each backend: {backend: {"passed", "cases", "failed", "seconds"}}.
+def run(implementations, shapes=MODELS, dtypes=DTYPES, device="cuda", log=print,
+        time_budget=None):
+    """Runs every case with each backend in turn: {backend: {"passed", "cases", "failed",
+    "skipped", "seconds"}}. A backend passes only if every case ran and agreed; cases left when
+    `time_budget` seconds (all backends together) have passed are skipped.
 
     `implementations` maps a backend's name to a function op -> the callable that runs it (same
     signature as the torch.ops.tt op)."""
     device = torch.device(device)
-    results = {name: {"passed": True, "cases": 0, "failed": [], "seconds": 0.0}
-               for name in implementations}
-    for case, op, args in cases(shapes, dtypes, device):
-        for name, implementation in implementations.items():
-            result = results[name]
-            start = time.perf_counter()
+    start = time.perf_counter()
+    all_cases = list(cases(shapes, dtypes, device))
+    results = {}
+    for name, implementation in implementations.items():
+        result = results[name] = {"passed": True, "cases": 0, "failed": [], "skipped": 0,
+                                  "seconds": 0.0}
+        for i, (case, op, args) in enumerate(all_cases):
+            if time_budget is not None and time.perf_counter() - start > time_budget:
+                result["skipped"] = len(all_cases) - i
+                result["passed"] = False
+                log(f"{name}: out of time after {i} of {len(all_cases)} cases")
+                break
+            began = time.perf_counter()
             try:
                 ok, details = verify.check(op, implementation(op)(*args), *args)
             except Exception as error:  # noqa: BLE001  (a crash is a failed case, reported)
                 ok, details = False, {"error": f"{type(error).__name__}: {error}"[:300]}
-            result["seconds"] += time.perf_counter() - start
+            result["seconds"] += time.perf_counter() - began
             result["cases"] += 1
             if not ok:
                 result["passed"] = False
@@ -139,6 +149,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", nargs="+", choices=verdicts.BACKENDS,
                         help="default: every GPU backend of this build that runs on --device")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds; cases left then are skipped and the backend not verified")
     parser.add_argument("--no-record", action="store_true",
                         help="do not record the verdict (a CPU or --quick run never records)")
     args = parser.parse_args(argv)
@@ -156,10 +168,11 @@ def main(argv=None):
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{len(shapes)} shapes x {len(CONSTRUCTIONS)} constructions x {len(DTYPES)} dtypes")
     results = run({name: (lambda op, _name=name: backends.implementation(op, _name, device))
-                   for name in names}, shapes, DTYPES, device)
+                   for name in names}, shapes, DTYPES, device, time_budget=args.time_budget)
     for name, r in results.items():
         print(f"{name:8s} {'PASS' if r['passed'] else 'FAIL'}  {r['cases']} cases, "
-              f"{len(r['failed'])} failed, {r['seconds']:.1f} s")
+              f"{len(r['failed'])} failed, {r['skipped']} skipped for time, "
+              f"{r['seconds']:.1f} s")
     if device.type == "cuda" and not (args.quick or args.no_record):
         fingerprint = verdicts.fingerprint(device)
         path = verdicts.record(fingerprint, {

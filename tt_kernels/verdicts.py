@@ -8,6 +8,7 @@ id). A change of any of these needs a new self-test. A local verdict overrides t
 a failing self-test keeps the reference even where our run passed.
 """
 import ctypes
+import fcntl
 import functools
 import hashlib
 import json
@@ -72,16 +73,22 @@ def _load(path):
 
 
 def record(fingerprint, results, path=None):
-    """Stores {backend: {"passed": bool, ...}} for `fingerprint`, replacing an older verdict on
-    the same fingerprint, and forgets the verdicts read so far."""
+    """Stores {backend: {"passed": bool, ...}} for `fingerprint` (a backend's older verdict on the
+    same fingerprint is replaced, the others' kept) and forgets the verdicts read so far."""
     path = path or cache_file()
-    records = [r for r in _load(path) if r.get("fingerprint") != fingerprint]
-    records.append({"fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "results": results})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(path)  # atomic: a reader sees the old file or the new one
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # self-tests of two backends may finish together
+        records = _load(path)
+        mine = next((r for r in records if r.get("fingerprint") == fingerprint), None)
+        if mine is None:
+            mine = {"fingerprint": fingerprint, "results": {}}
+            records.append(mine)
+        mine["results"].update({name: dict(r, time=stamp) for name, r in results.items()})
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(path)  # atomic: a reader sees the old file or the new one
     verdict.cache_clear()
     return path
 
@@ -94,9 +101,10 @@ def verdict(backend, device_index):
     path = cache_file()
     for r in _load(path):
         if r.get("fingerprint") == mine and backend in r.get("results", {}):
-            passed = bool(r["results"][backend].get("passed"))
+            mine = r["results"][backend]
+            passed = bool(mine.get("passed"))
             return passed, (f"self-test {'passed' if passed else 'FAILED'} on this GPU at "
-                            f"{r.get('time')} ({path})")
+                            f"{mine.get('time')} ({path})")
     if VERIFIED_ON_GPU[backend]:
         return True, f"the project's GPU run: {VERIFIED_ON_GPU[backend]}"
     return False, "not verified on this GPU: run python -m tt_kernels.selftest"
