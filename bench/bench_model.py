@@ -431,6 +431,13 @@ def summary(record):
 
 # ----------------------------------------------------------------------------- main
 
+def write(record, paths, started):
+    record["elapsed_s"] = time.perf_counter() - started
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"),
@@ -509,10 +516,12 @@ def main(argv=None):
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else "perf_counter, median of interleaved turns",
                   "machine": info, "cases": []}
+        paths = [d / file_name(model_name, args.device, info) for d in out_dirs]
         for batch in args.batches:
             if time.perf_counter() > deadline:
                 record["cases"].append(dict(batch=batch, status="skipped", reason="time budget"))
                 log(f"{model_name} batch {batch}: skipped (time budget)")
+                write(record, paths, started)
                 continue
             log(f"{model_name} batch {batch}: building, compiling and timing")
             load = os.getloadavg()[0]
@@ -525,12 +534,8 @@ def main(argv=None):
                 f"{case_table(results)}")
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
-        record["elapsed_s"] = time.perf_counter() - started
-        for out_dir in out_dirs:  # after every model, so a run cut short keeps what it measured
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / file_name(model_name, args.device, info)
-            path.write_text(json.dumps(record, indent=1) + "\n")
-            log(f"wrote {path}")
+            write(record, paths, started)  # after every case: a run cut short keeps its cases
+        log(f"wrote {', '.join(map(str, paths))}")
         records.append(record)
         del eager, base
     print()
