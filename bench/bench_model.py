@@ -28,8 +28,9 @@ checked against the patched model's own token_reduction.schedule and schedule_fl
 Timing: on the CPU tt_kernels.evaluate.interleaved_seconds (perf_counter per forward); on CUDA,
 CUDA events around a few forwards per turn (enough for ~10 ms), synchronised, L2 not flushed (a
 served model's weights stay warm too). Inputs are random normal images. Writes one JSON per model
-to each --out-dir (default bench/results/): model-<card>-<model>.json on a GPU (card from
-torch.cuda.get_device_name, slugged), model-<model>-<cpu>-<cores>c.json on the CPU.
+to each --out-dir (default bench/results/): model-<card>-<model>-<dtype>[-amp][-compile].json on
+a GPU (card from torch.cuda.get_device_name, slugged), model-<model>-<cpu>-<cores>c.json on the
+CPU.
 """
 import argparse
 import copy
@@ -381,9 +382,12 @@ def versions():
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
-def file_name(model_name, device, info):
-    if device.type == "cuda":
-        return f"model-{slug(torch.cuda.get_device_name(device))}-{model_name}.json"
+def file_name(model_name, args, info):
+    """model-<card>-<model>-<dtype>[-amp][-compile].json on a GPU, so that runs of other dtypes
+    and modes sit beside each other; the CPU's name keeps its fp32 form."""
+    if args.device.type == "cuda":
+        mode = f"{args.dtype}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}"
+        return f"model-{slug(torch.cuda.get_device_name(args.device))}-{model_name}-{mode}.json"
     return (f"model-{model_name}-{info['cpu_model'].split()[0].lower()}"
             f"-{info['usable_cpus']}c.json")
 
@@ -516,7 +520,7 @@ def main(argv=None):
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else "perf_counter, median of interleaved turns",
                   "machine": info, "cases": []}
-        paths = [d / file_name(model_name, args.device, info) for d in out_dirs]
+        paths = [d / file_name(model_name, args, info) for d in out_dirs]
         for batch in args.batches:
             if time.perf_counter() > deadline:
                 record["cases"].append(dict(batch=batch, status="skipped", reason="time budget"))

@@ -14,8 +14,9 @@
 # tests run (`pytest -m gpu`, pytest-xdist) and then `python -m tt_kernels.selftest`; ptxas.
 # Phase bench (budget 460 s): info; build only if no extension built in place imports with its
 # CUDA kernels (a cold machine starts bare; a warm one keeps the first call's build); the op
-# benchmarks (bench/bench_gpu.py, --time-budget: at most 220 s, less when a rebuild took time) and
-# the end-to-end benchmark (bench/bench_model.py, 190 s kept for it), each with the GPU to itself.
+# benchmarks (bench/bench_gpu.py, --time-budget: at most 160 s, less when a rebuild took time),
+# proportional attention's forms (bench/bench_attention.py, 60 s kept for it) and the end-to-end
+# benchmark (bench/bench_model.py, 190 s kept for it), each with the GPU to itself.
 #
 # Estimated wall time on the H200 machine (16 cores), from cpu-seconds measured on this
 # repository's 2-core AMD EPYC (2026-11-30, no GPU) divided by the parallelism there:
@@ -36,9 +37,11 @@
 #                     tests + selftest
 #   ptxas       0 s   parsed from the build log (standalone: the three files at once, ~35 s)
 #   => build-test ~15 + 70 + max(120 + 200, 240) + summary ~ 410 s of its 420
-#   bench     220 s   bench_gpu.py --time-budget 220 (warm machine; ViT-L at B=256 comes last)
-#   model     180 s   bench_model.py: 3 models x 3 batches, eager and compiled rows
-#   => bench ~15 + (0 warm | 70 cold: bench then gets 150 s) + 220 + 180 ~ 440 s of its 460
+#   bench     160 s   bench_gpu.py --time-budget 160 (warm machine; ViT-L at B=256 comes last)
+#   attention  60 s   bench_attention.py: bf16, batch 256 and 1, DeiT-S/B and DINOv2-S shapes
+#   model     180 s   bench_model.py: 3 models x batches 256, 64, 1 eager (a third of the time,
+#                     --time-budget), then DeiT-S compiled at 256 and 1 (15-30 s a compile)
+#   => bench ~15 + (0 warm | 70 cold: bench then gets 90 s) + 160 + 60 + 180 ~ 440 s of its 460
 # Both calls and a 90 s start: ~860 s of the 900. With less device time left before call 2, pass
 # --budget (the device tool's budget_left_s less 30): bench_gpu's share shrinks first.
 #
@@ -89,10 +92,10 @@ while (($#)); do
   esac
   shift
 done
-ALL_STEPS=build,ptxas,tests,selftest,memcheck,racecheck,bench,model
+ALL_STEPS=build,ptxas,tests,selftest,memcheck,racecheck,bench,attention,model
 case $PHASE in
   build-test) PHASE_STEPS=build,ptxas,tests,selftest,memcheck,racecheck; BUDGET=${BUDGET:-420} ;;
-  bench) PHASE_STEPS=build,bench,model; BUDGET=${BUDGET:-460} ;;
+  bench) PHASE_STEPS=build,bench,attention,model; BUDGET=${BUDGET:-460} ;;
   all) PHASE_STEPS=$ALL_STEPS; BUDGET=${BUDGET:-880} ;;
   *) echo "gpu_check: --phase must be build-test, bench or all, got $PHASE" >&2; exit 64 ;;
 esac
@@ -104,6 +107,7 @@ done
 OUT=${OUT:-$ROOT/out/gpu}
 if ! mkdir -p "$OUT" || ! OUT=$(cd "$OUT" && pwd); then echo "gpu_check: cannot create $OUT" >&2; exit 1; fi
 rm -f "$OUT"/summary.txt "$OUT"/logs.tar.gz "$OUT"/junit.xml "$OUT"/gpu-*.json "$OUT"/model-*.json \
+  "$OUT"/attention-*.json \
   "$OUT"/ptxas.txt
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 1
 STATUS=$WORK/status
@@ -467,6 +471,7 @@ sanitize_step() {
 
 # ------------------------------------------------------------------------------------ benchmarks
 MODEL_SHARE=200  # bench_model's 190 s and the summary's 10, kept from bench_gpu's time budget
+ATTENTION_SHARE=60  # bench_attention's, likewise
 bench_step() {
   local start secs rc line budget
   local -a extra=()
@@ -475,6 +480,7 @@ bench_step() {
   if ((GPU)); then
     local reserve=10
     want model && reserve=$MODEL_SHARE
+    want attention && reserve=$((reserve + ATTENTION_SHARE))
     budget=$(step_timeout 220 $((reserve + 30)))
     if ((budget == 0)); then record bench SKIP 0 "out of time"; return; fi
     secs=$(step_timeout $((budget + 30)) "$reserve")
@@ -504,41 +510,71 @@ bench_step() {
 }
 
 model_step() {
-  local start secs rc line
-  local -a cmd
+  local start secs rc=0 line
+  local -a eager=() compiled=()
   start=$(now)
   ((IMPORT_OK)) || { record model SKIP 0 "tt_kernels does not import (see build)"; return; }
+  secs=$(step_timeout 400 10)
+  if ((secs == 0)); then record model SKIP 0 "out of time"; return; fi
   if ((GPU)); then
-    cmd=(bench/bench_model.py --device cuda --dtype bf16 --amp --batch 1,64,256 --compile
-      --models deit_small_patch16_224,deit_base_patch16_224,vit_small_patch14_dinov2
-      --out-dir bench/results --out-dir "$OUT")
+    # The headline first (batch 256): every model eager, then DeiT-S compiled (each compiled row
+    # is a compile of 15-30 s, so the sweep of all models could not fit). The patched rows time
+    # the CUDA kernels, verified or not; --time-budget leaves a compile's margin before the kill.
+    local common=(--device cuda --dtype bf16 --amp --backend cuda --out-dir bench/results --out-dir "$OUT")
+    eager=(bench/bench_model.py "${common[@]}" --batch 256,64,1 --time-budget $((secs / 3))
+      --models deit_small_patch16_224,deit_base_patch16_224,vit_small_patch14_dinov2)
+    compiled=(bench/bench_model.py "${common[@]}" --batch 256,1 --compile
+      --models deit_small_patch16_224)
   elif explicit model; then
-    cmd=(bench/bench_model.py --device cpu --batch 1 --models deit_small_patch16_224
+    eager=(bench/bench_model.py --device cpu --batch 1 --models deit_small_patch16_224
       --out-dir "$OUT")
   else
     record model SKIP 0 "no GPU (name --steps model for the CPU dry run)"
     return
   fi
-  secs=$(step_timeout 400 10)
-  if ((secs == 0)); then record model SKIP 0 "out of time"; return; fi
-  run_logged model "$secs" env PYTHONUNBUFFERED=1 "$PY" "${cmd[@]}"
-  rc=$?
-  local files defaults
+  run_logged model "$secs" env PYTHONUNBUFFERED=1 "$PY" "${eager[@]}" || rc=$?
+  if ((${#compiled[@]})) && ! timed_out $rc; then
+    secs=$(step_timeout 400 10)
+    run_logged model "$secs" env PYTHONUNBUFFERED=1 "$PY" "${compiled[@]}" --time-budget $((secs - 60)) || rc=$?
+  fi
+  local files
   files=$(cd "$OUT" && ls model-*.json 2>/dev/null | tr '\n' ' ')
-  # what the patched rows ran: the default backends on CUDA when the step started (a self-test
-  # verdict of this machine, or VERIFIED_ON_GPU, makes a GPU backend the default)
-  defaults=$(grep '^{' "$WORK/build.log" 2>/dev/null | tail -1 | "$PY" -c "
-import json, sys
-print(json.loads(sys.stdin.read() or '{}').get('default_backend', {}).get('cuda'))" 2>/dev/null)
-  ((GPU)) && files+="; patched rows' backends on CUDA: $defaults"
+  ((GPU)) && files+="; patched rows on the CUDA kernels (--backend cuda)"
   if timed_out $rc; then
     record model TIMEOUT $(($(now) - start)) "killed after ${secs}s; ${files:-no JSON}"
-  elif grep -qE 'unrecognized arguments|invalid choice|error: argument' "$WORK/model.log"; then
-    record model FAIL $(($(now) - start)) "bench_model.py does not take this CLI yet: $(grep -E 'error:' "$WORK/model.log" | tail -1 | cut -c1-200)"
   elif ((rc == 0)); then
     record model PASS $(($(now) - start)) "${files:-no JSON written?}$( ((GPU)) || echo ' (CPU dry run)')"
   else
     record model FAIL $(($(now) - start)) "rc $rc: $(tail -1 "$WORK/model.log" | cut -c1-200) (model.log)"
+  fi
+}
+
+attention_step() {
+  local start secs rc reserve=10
+  start=$(now)
+  ((IMPORT_OK)) || { record attention SKIP 0 "tt_kernels does not import (see build)"; return; }
+  want model && reserve=$MODEL_SHARE
+  secs=$(step_timeout $ATTENTION_SHARE "$reserve")
+  if ((secs == 0)); then record attention SKIP 0 "out of time"; return; fi
+  if ((GPU)); then
+    # proportional attention's forms at the shapes of the headline (bf16, batch 256 and 1): which
+    # one tt_kernels.attention.CUDA_AUTO should name
+    run_logged attention "$secs" env PYTHONUNBUFFERED=1 "$PY" bench/bench_attention.py \
+      --dtypes bf16 --batches 256,1 --out-dir bench/results --out-dir "$OUT"
+  elif explicit attention; then
+    run_logged attention "$secs" env PYTHONUNBUFFERED=1 "$PY" bench/bench_attention.py --smoke \
+      --out-dir "$OUT"
+  else
+    record attention SKIP 0 "no GPU (bench/bench_attention.py --smoke is the CPU dry run)"
+    return
+  fi
+  rc=$?
+  if timed_out $rc; then
+    record attention TIMEOUT $(($(now) - start)) "killed after ${secs}s"
+  elif ((rc == 0)); then
+    record attention PASS $(($(now) - start)) "$(grep -iE 'suggest|CUDA_AUTO' "$WORK/attention.log" | tail -2 | tr '\n' ' ' | cut -c1-300)"
+  else
+    record attention FAIL $(($(now) - start)) "rc $rc: $(tail -1 "$WORK/attention.log" | cut -c1-200) (attention.log)"
   fi
 }
 
@@ -588,6 +624,7 @@ pack
 # the benchmarks, each with the GPU and the CPU to itself
 want bench && bench_step
 pack
+want attention && attention_step
 want model && model_step
 pack
 
@@ -634,8 +671,8 @@ passed() { [[ -f $STATUS/$1 ]] && [[ $(cut -f2 "$STATUS/$1") == PASS ]]; }
     echo "Steps skipped for time: rerun them on the warm machine with --no-build --steps LIST."
   if ((GPU)); then
     echo "--- what to commit (files come back in the device tool's files_at, a copy of \$OUT):"
-    if want bench || want model; then
-      for f in "$OUT"/gpu-*.json "$OUT"/model-*.json; do
+    if want bench || want attention || want model; then
+      for f in "$OUT"/gpu-*.json "$OUT"/attention-*.json "$OUT"/model-*.json; do
         [[ -e $f ]] && echo "  copy ${f##*/} into bench/results/ and commit it"
       done
     fi
