@@ -32,12 +32,13 @@ from .verify import U32, unit_roundoff
 
 FORMS = ("auto", "mask", "column", "cudnn")
 
-# "auto" on CUDA, by q's dtype. UNMEASURED: reasoned defaults until a GPU run of
-# bench/bench_attention.py times the forms per shape and the fastest replaces them here. Half
-# precision: flash, which takes no bias, is SDPA's fastest kernel and the column costs it only
-# (Dh + 8) / Dh of its work (72 / 64 at the standard models' Dh = 64). fp32 has no flash kernel
-# on CUDA, so the column would be pure overhead there.
-CUDA_AUTO = {torch.float16: "column", torch.bfloat16: "column", torch.float32: "mask"}
+# "auto" on CUDA, by q's dtype: the mask (timm's own call) until a GPU run of
+# bench/bench_attention.py has timed the forms per shape (scripts/gpu_check.sh, phase bench) and
+# the fastest replaces it here. The column is the candidate in half precision: flash, which takes
+# no bias, is SDPA's fastest kernel there, and the column costs it (Dh + 8) / Dh of its work (72 /
+# 64 at the standard models' Dh) plus three copies of q, k, v; whether that beats the
+# memory-efficient kernel with a mask is unmeasured. fp32 has no flash kernel on CUDA.
+CUDA_AUTO = {torch.float16: "mask", torch.bfloat16: "mask", torch.float32: "mask"}
 
 # Keys a bias buffer holds a multiple of, and head dims the column pads to: the alignment (in
 # elements) of SDPA's memory-efficient bias and of its flash head dim.
