@@ -149,17 +149,19 @@ def cuda_kernels_on_host():
     return torch.ops.tt_host
 
 
-def host_ops(rows=32, stage=True, packed=True, threads=0):
+def host_ops(rows=32, stage=True, packed=True, threads=0, key_parts=0):
     """The CUDA kernels' per-image code run on the CPU (tests/cuda_on_host) with torch.ops.tt's
     signatures and argument checks, under a plan: affinity rows per chunk, metric staged in shared
-    memory, 16-byte packs, threads (0: serial, else a block of host threads)."""
+    memory, 16-byte packs, threads (0: serial, else a block of host threads), and the removal keys
+    from key_parts blocks an image first (0: in the image's own block), as small batches run."""
     host = cuda_kernels_on_host()
 
     def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
                   targets="all", prefix=1, mode="mean", cost="cosine"):
         args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
         ops.check_transform(x, size, metric, score, *args)
-        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads))
+        return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads,
+                                    0, key_parts))
 
     def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
               targets="all", prefix=1, cost="cosine"):
@@ -168,7 +170,7 @@ def host_ops(rows=32, stage=True, packed=True, threads=0):
         if size is None:
             size = torch.ones((metric if metric is not None else score).shape[:2])
         out = host.transform(None, size, metric, score, *args, "mean", cost, rows, stage, packed,
-                             threads)
+                             threads, 0, key_parts)
         return out[2], out[3]
 
     def apply(x, size, dst, weight, n_out, mode="mean"):

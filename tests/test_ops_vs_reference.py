@@ -28,9 +28,12 @@ from tt_kernels import reference, verify
 ops = torch.ops.tt
 
 # (rows per chunk or block, metric staged, 16-byte packs, threads: 0 serial, else a block of host
-# threads with 32-lane warps) of each host run of the CUDA code.
-HOST_PLANS = {"cuda-on-host": (32, True, True, 0), "cuda-on-host-rows3": (3, False, False, 0),
-              "cuda-on-host-rows1": (1, True, True, 0), "cuda-on-host-threads": (8, True, True, 64)}
+# threads with 32-lane warps, removal keys from that many blocks an image first: 0 none) of each
+# host run of the CUDA code.
+HOST_PLANS = {"cuda-on-host": (32, True, True, 0, 0), "cuda-on-host-rows3": (3, False, False, 0, 0),
+              "cuda-on-host-rows1": (1, True, True, 0, 0),
+              "cuda-on-host-threads": (8, True, True, 64, 0),
+              "cuda-on-host-keys3": (8, True, True, 64, 3)}
 ALL = ["cpu", "cuda", *HOST_PLANS]
 
 
@@ -478,3 +481,30 @@ def test_cuda_largest_image():
     with pytest.raises(RuntimeError, match=f"no plan fits {HOPPER_SHARED} bytes"):
         host.transform(t["x"], t["size"], t["metric"], None, 1, "transform", 2, 0.1, 0.0, "b", 1,
                        "mean", "cosine", 0, False, False, 0, HOPPER_SHARED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,kwargs", [
+    ("transform", dict(k=1, targets="b", cost="ward", alpha=0.0)),  # patch()'s default
+    ("transform", dict(k=4, targets="all", cost="cosine", alpha=0.5)),
+    ("tome", {}),
+])
+def test_small_batch_keys_split_changes_nothing(method, kwargs, dtype):
+    """Small batches spread each image's removal keys over several blocks (transform.cu's
+    keys_kernel): every affinity is computed by the same code in the same order, so T and x' are
+    bit-equal to the one-block step's, for any number of blocks (up to one per A row)."""
+    host = cuda_kernels_on_host()
+    tokens, queries = list(_vit_tokens())[6]  # a middle block's
+    x, metric = tokens.to(dtype), queries.to(dtype)
+    if method == "tome":
+        metric = metric[..., :64]  # a head's width, as ToMe's keys
+    B, N = x.shape[:2]
+    size = torch.randint(1, 4, (B, N), generator=torch.Generator().manual_seed(0)).float()
+    score = torch.rand(B, N, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    a = {**dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **kwargs}
+    args = (48, method, a["k"], a["tau"], a["alpha"], a["targets"], 1, "norm", a["cost"])
+    whole = host.transform(x, size, metric, score, *args, 8, True, True, 0)
+    for parts in (2, 7, (N - 1) // 2):
+        split = host.transform(x, size, metric, score, *args, 8, True, True, 0, 0, parts)
+        for got, want in zip(split, whole):
+            assert torch.equal(got, want), parts

@@ -26,6 +26,6 @@ def test_cuda_kernels_compile_without_register_spills(tmp_path):
     assert status is not None, summary
     assert status.group(1) == "PASS", status.group(2)  # WARN: spills; FAIL: nvcc failed
     kernels = (tmp_path / "ptxas.txt").read_text().splitlines()[2:]
-    for kernel in ("apply_kernel", "untransform_kernel", "transform_kernel",
+    for kernel in ("apply_kernel", "untransform_kernel", "transform_kernel", "keys_kernel",
                    "cls_attention_kernel"):
         assert any(kernel in k for k in kernels), kernel

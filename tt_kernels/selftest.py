@@ -21,16 +21,18 @@ import torch
 from . import backends, reference, verdicts, verify
 from .api import max_r
 
-# name: (tokens N, channels C, heads H); head dim 64. The metric is the full queries (D = C) for
-# transform, the keys' head mean (D = 64) for tome, as tt_kernels.patch passes them.
+# name: (tokens N, channels C, heads H, batches); head dim 64. The metric is the full queries
+# (D = C) for transform, the keys' head mean (D = 64) for tome, as tt_kernels.patch passes them.
+# Batches: small ones spread each image's removal keys over several blocks (transform.cu), a
+# batch of 160 fills a GPU of up to 320 SMs with one block per image.
 MODELS = {
-    "DeiT-S/16-224": (197, 384, 6),
-    "DeiT-B/16-224": (197, 768, 12),
-    "DINOv2-S/14-224": (257, 384, 6),
-    "ViT-L/16-384": (577, 1024, 16),
-    "DINOv2-S/14-518": (1370, 384, 6),
+    "DeiT-S/16-224": (197, 384, 6, (1, 4, 160)),
+    "DeiT-B/16-224": (197, 768, 12, (1, 4)),
+    "DINOv2-S/14-224": (257, 384, 6, (1, 4)),
+    "ViT-L/16-384": (577, 1024, 16, (2,)),
+    "DINOv2-S/14-518": (1370, 384, 6, (2,)),
 }
-QUICK = {"tiny-37": (37, 24, 2), "tiny-64": (64, 32, 2)}
+QUICK = {"tiny-37": (37, 24, 2, (1, 4)), "tiny-64": (64, 32, 2, (1, 4))}
 HEAD_DIM = 64
 # name: (tt.match keywords, apply mode); "default" is tt_kernels.patch's default step.
 CONSTRUCTIONS = {
@@ -69,9 +71,9 @@ def cases(shapes, dtypes, device):
     """(name, op, args) for every op, construction, dtype and shape; args positional as in the
     op's schema."""
     seed = 0
-    for model, (N, C, H) in shapes.items():
+    for model, (N, C, H, batches) in shapes.items():
         for dtype in dtypes:
-            for B in ((1, 4) if N <= 257 else (2,)):
+            for B in batches:
                 seed += 1
                 t = tokens(B, N, C, H, dtype, device, seed)
                 tag = f"{model}-B{B}-{str(dtype)[6:]}"

@@ -1,4 +1,5 @@
-// Host-side launch helpers of the CUDA kernels: the shared-memory budget of a block.
+// Host-side launch helpers of the CUDA kernels: the device's shared-memory budget of a block and
+// its multiprocessors.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +18,13 @@ inline int64_t shared_memory_limit(int device) {
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return limit;
+}
+
+// The multiprocessors of `device`.
+inline int multiprocessor_count(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
 }
 
 // Lets `kernel` take `bytes` of dynamic shared memory on `device` (the current one). Each kernel,

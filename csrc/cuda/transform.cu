@@ -1,7 +1,9 @@
 // CUDA tt.match and tt.transform: one thread block per image runs transform_image.cuh, the whole
 // reduction step (affinities, removed set, dst/weight and, for tt.transform, the apply) in one
 // launch on the current stream. Where the apply's row buffers (C floats a warp) do not fit
-// beside the construction, tt.transform builds T in one launch and applies it in a second.
+// beside the construction, tt.transform builds T in one launch and applies it in a second. A batch
+// too small to fill the GPU with one block per image first spreads each image's removal keys (its
+// A x B affinities, the bulk of the work) over several blocks (keys_kernel).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
@@ -10,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "block.cuh"
@@ -31,6 +34,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   image::transform_image<V>(ex, s, batch.image(s, blockIdx.x), shared);
 }
 
+// Part blockIdx.x of gridDim.x of image blockIdx.y's removal keys, into key/best [B, N].
+template <typename metric_t, typename x_t>
+__global__ void __launch_bounds__(kThreads)
+    keys_kernel(image::Step s, image::Batch<metric_t, x_t> batch, float* key, int* best) {
+  extern __shared__ float4 shared[];
+  BlockExec ex;
+  const int64_t b = blockIdx.y, n = s.N;
+  image::keys_image(ex, s, batch.image(s, b), key + b * n, best + b * n, blockIdx.x, gridDim.x,
+                    shared);
+}
+
+// How many blocks share an image's removal keys: one while the batch fills the GPU (two blocks an
+// SM), else enough blocks for that, each with at least kMinKeyRows A tokens.
+constexpr int kMinKeyRows = 8;
+inline int key_parts(const image::Step& s, int64_t B, int sms) {
+  if (s.by_importance || B * 2 >= sms) return 1;
+  const int64_t fill = (2 * sms + B - 1) / B, most = image::Bipartite(s).nA / kMinKeyRows;
+  return static_cast<int>(std::max<int64_t>(1, std::min(fill, most)));
+}
+
 // Launches the kernel; false when its shared memory does not fit (only checked with x: without
 // it, that is an error).
 template <typename metric_t, typename x_t>
@@ -43,14 +66,33 @@ bool launch(const char* op, image::Step s, const at::Tensor& metric, const at::T
   if (bytes == 0 && x.defined()) return false;
   TORCH_CHECK(bytes > 0, op, ": N = ", s.N, " tokens need more shared memory than this GPU gives "
               "a block (", limit, " bytes); use backend=\"triton\"");
-  const auto batch =
+  auto batch =
       image::make_batch<metric_t, x_t>(metric, score, size, dst, weight, x, x_out, size_out);
+  const int64_t B = size.size(0);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int parts = key_parts(s, B, multiprocessor_count(device));
+  at::Tensor key, best;  // freed to the caching allocator in stream order: safe for both kernels
+  if (parts > 1) {
+    image::Step ks = s;
+    const int64_t key_bytes = image::plan_keys<metric_t>(ks, metric.data_ptr<metric_t>(),
+                                                          metric.stride(1), metric.stride(0), limit);
+    TORCH_CHECK(key_bytes > 0, op, ": no plan of the removal keys fits ", limit, " bytes");
+    key = at::empty({B, s.N}, size.options());
+    best = at::empty({B, s.N}, size.options().dtype(at::kInt));
+    const auto keys = keys_kernel<metric_t, x_t>;
+    allow_shared_memory(reinterpret_cast<const void*>(keys), device, key_bytes);
+    keys<<<dim3(parts, B), kThreads, key_bytes, stream>>>(ks, batch, key.data_ptr<float>(),
+                                                           best.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    batch.first.key_in = key.data_ptr<float>();
+    batch.first.best_in = best.data_ptr<int>();
+  }
   constexpr int V = 16 / sizeof(x_t);
   const bool packed = x.defined() && image::pack_width<x_t>(x.data_ptr(), s.C) == V;
   const auto kernel =
       packed ? transform_kernel<metric_t, x_t, V> : transform_kernel<metric_t, x_t, 1>;
   allow_shared_memory(reinterpret_cast<const void*>(kernel), device, bytes);
-  kernel<<<size.size(0), kThreads, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, batch);
+  kernel<<<B, kThreads, bytes, stream>>>(s, batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }

@@ -147,6 +147,10 @@ struct Image {
   const x_t* x;
   x_t* x_out;
   float* size_out;
+  // The A tokens' removal keys and best B tokens (indexed by token), when keys_image computed
+  // them in blocks of their own (small batches); null: transform_image computes them.
+  const float* key_in;
+  const int* best_in;
 };
 
 // The whole batch: image b's tensors sit at fixed strides from these.
@@ -162,6 +166,10 @@ struct Batch {
     im.size = first.size + b * n;
     im.dst = first.dst + b * nk;
     im.weight = first.weight + b * nk;
+    if (first.key_in) {
+      im.key_in = first.key_in + b * n;
+      im.best_in = first.best_in + b * n;
+    }
     if (first.x) {
       im.x = first.x + b * n * s.C;
       im.x_out = first.x_out + b * static_cast<int64_t>(s.n_out) * s.C;
@@ -228,6 +236,122 @@ int64_t plan_for(Step& s, const at::Tensor& metric, int64_t limit, int warps) {
   return plan(s, metric.data_ptr<metric_t>(), metric.stride(1), metric.stride(0), limit, warps);
 }
 
+// 1 / |metric row t| of every token (the cosine of a zero row is 0, as in the reference: norms
+// clamped at kNormEps).
+template <typename Exec, typename metric_t>
+TT_DEVICE void inverse_norms(Exec& ex, const Step& s, const metric_t* m, int64_t sn,
+                             float* inv_norm) {
+  ex.for_each(s.N, [&](int t) {
+    float square = 0.f;
+    for (int d = 0; d < s.D; ++d) {
+      const float v = static_cast<float>(m[t * sn + d]);
+      square += v * v;
+    }
+    inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
+  });
+}
+
+// How much tokens i and t want to merge: their cosine, or minus Ward's merge cost
+// size_i size_t / (size_i + size_t) (1 - cos). Every block that computes an affinity computes it
+// so, in the same order, whether the metric is staged or read in place, packed or not.
+template <typename metric_t>
+struct Affinity {
+  const Step& s;
+  const metric_t* m;  // rows sn apart
+  int64_t sn;
+  const float* inv_norm;
+  const float* size;
+  TT_DEVICE float operator()(int i, int t) const {
+    const metric_t* a = m + i * sn;
+    const metric_t* b = m + t * sn;
+    float dot = 0.f;
+    if (s.metric_packed) {  // the same sums in the same order, from 16-byte loads
+      constexpr int MV = 16 / sizeof(metric_t);
+      TT_UNROLL(unroll 2)  // registers: each step holds two packs
+      for (int d = 0; d < s.D; d += MV) {
+        const Pack<metric_t, MV> pa = load_pack<MV>(a + d), pb = load_pack<MV>(b + d);
+        for (int v = 0; v < MV; ++v)
+          dot += static_cast<float>(pa.v[v]) * static_cast<float>(pb.v[v]);
+      }
+    } else {
+      for (int d = 0; d < s.D; ++d) dot += static_cast<float>(a[d]) * static_cast<float>(b[d]);
+    }
+    dot *= inv_norm[i] * inv_norm[t];
+    if (!s.ward) return dot;
+    const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
+    return -(pair * (1.f - dot));
+  }
+};
+
+// ToMe's bipartite split: A tokens (may leave) from a0 on and B tokens from b0 on, every other.
+struct Bipartite {
+  int a0, b0, nA, nB;
+  TT_HOST_DEVICE explicit Bipartite(const Step& s)
+      : a0(s.P + s.P % 2), b0(s.P + 1 - s.P % 2),
+        nA((s.N - a0 + 1 > 0 ? s.N - a0 + 1 : 0) / 2),
+        nB((s.N - b0 + 1 > 0 ? s.N - b0 + 1 : 0) / 2) {}
+};
+
+// The removal keys of the A tokens [begin, end) (by A index): each one's best affinity to a B
+// token, and which B token that is (ties to the lower index), written to key/best by token;
+// `sim` holds rows_per_chunk x nB affinities.
+template <typename Exec, typename metric_t>
+TT_DEVICE void best_b_keys(Exec& ex, const Step& s, const Affinity<metric_t>& affinity, int begin,
+                           int end, float* key, int* best, float* sim) {
+  const Bipartite ab(s);
+  const int nB = ab.nB, RB = s.rows_per_chunk;
+  for (int c0 = begin; c0 < end; c0 += RB) {
+    const int rows = std::min(RB, end - c0);
+    ex.for_each(rows * nB, [&](int e) {
+      sim[e] = affinity(ab.a0 + 2 * (c0 + e / nB), ab.b0 + 2 * (e % nB));
+    });
+    ex.for_each_warp(rows, [&](int i, int lane, int lanes, int) {
+      float top = -INFINITY;
+      int arg = kNone;
+      for (int c = lane; c < nB; c += lanes)
+        if (sim[i * nB + c] > top) top = sim[i * nB + c], arg = c;
+      ex.warp_argmax(top, arg);
+      if (lane > 0) return;
+      const int a = ab.a0 + 2 * (c0 + i);
+      key[a] = top;
+      best[a] = arg == kNone ? 0 : ab.b0 + 2 * arg;
+    });
+  }
+}
+
+// Small batches: one image's removal keys over `parts` blocks (keys_image), before the block of
+// transform_image that reads them. Shared memory: the inverse norms and a chunk of affinities.
+TT_HOST_DEVICE int64_t keys_bytes(const Step& s) {
+  return 4 * (static_cast<int64_t>(s.N) + static_cast<int64_t>(s.rows_per_chunk) * Bipartite(s).nB);
+}
+
+// The keys blocks' plan: the metric read in place, the most affinity rows per chunk that fit in
+// `limit` bytes; 0 when none does.
+template <typename metric_t>
+inline int64_t plan_keys(Step& s, const metric_t* metric, int64_t sn, int64_t sb, int64_t limit) {
+  s.metric_ld = 0;
+  s.metric_packed = metric_packs(s.D, false, metric, sn, sb);
+  for (const int rows : {32, 8, 1}) {
+    s.rows_per_chunk = rows;
+    if (keys_bytes(s) <= limit) return keys_bytes(s);
+  }
+  return 0;
+}
+
+// Part `part` of `parts` of one image's removal keys: its share of the A tokens, into key/best
+// (the image's [N] arrays in global memory).
+template <typename Exec, typename metric_t, typename x_t>
+TT_DEVICE void keys_image(Exec& ex, const Step& s, const Image<metric_t, x_t>& im, float* key,
+                          int* best, int part, int parts, void* shared) {
+  float* inv_norm = static_cast<float*>(shared);
+  float* sim = inv_norm + s.N;
+  inverse_norms(ex, s, im.metric, im.metric_sn, inv_norm);
+  const Affinity<metric_t> affinity{s, im.metric, im.metric_sn, inv_norm, im.size};
+  const int nA = Bipartite(s).nA;
+  best_b_keys(ex, s, affinity, static_cast<int>(static_cast<int64_t>(nA) * part / parts),
+              static_cast<int>(static_cast<int64_t>(nA) * (part + 1) / parts), key, best, sim);
+}
+
 template <int V, typename Exec, typename metric_t, typename x_t>
 TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_t>& im,
                                void* shared) {
@@ -261,63 +385,27 @@ TT_DEVICE void transform_image(Exec& ex, const Step& s, const Image<metric_t, x_
       m = staged;
       sn = s.metric_ld;
     }
-    ex.for_each(N, [&](int t) {
-      float square = 0.f;
-      for (int d = 0; d < D; ++d) {
-        const float v = static_cast<float>(m[t * sn + d]);
-        square += v * v;
-      }
-      inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
-    });
+    inverse_norms(ex, s, m, sn, inv_norm);
   }
-  // Cosine of tokens i and t, or minus Ward's merge cost
-  // size_i size_t / (size_i + size_t) (1 - cos).
-  const auto affinity = [&](int i, int t) {
-    const metric_t* a = m + i * sn;
-    const metric_t* b = m + t * sn;
-    float dot = 0.f;
-    if (s.metric_packed) {  // the same sums in the same order, from 16-byte loads
-      constexpr int MV = 16 / sizeof(metric_t);
-      TT_UNROLL(unroll 2)  // registers: each step holds two packs
-      for (int d = 0; d < D; d += MV) {
-        const Pack<metric_t, MV> pa = load_pack<MV>(a + d), pb = load_pack<MV>(b + d);
-        for (int v = 0; v < MV; ++v)
-          dot += static_cast<float>(pa.v[v]) * static_cast<float>(pb.v[v]);
-      }
-    } else {
-      for (int d = 0; d < D; ++d) dot += static_cast<float>(a[d]) * static_cast<float>(b[d]);
-    }
-    dot *= inv_norm[i] * inv_norm[t];
-    if (!s.ward) return dot;
-    const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
-    return -(pair * (1.f - dot));
-  };
+  const Affinity<metric_t> affinity{s, m, sn, inv_norm, size};
 
   // Removal keys. By importance: the score. By redundancy: each A token's best affinity to a B
-  // token (ToMe's bipartite split), and which B token that is.
-  const int a0 = P + P % 2, b0 = P + 1 - P % 2;
-  const int nA = std::max(N - a0 + 1, 0) / 2, nB = std::max(N - b0 + 1, 0) / 2;
+  // token (ToMe's bipartite split), and which B token that is: computed here, or by keys_image.
+  const Bipartite ab(s);
+  const int a0 = ab.a0, nA = ab.nA;
   ex.for_each(N, [&](int j) {
     key[j] = s.by_importance && j >= P ? score[j] : neg_inf;
     best[j] = 0;
   });
   if (!s.by_importance) {
-    for (int c0 = 0; c0 < nA; c0 += RB) {
-      const int rows = std::min(RB, nA - c0);
-      ex.for_each(rows * nB, [&](int e) {
-        sim[e] = affinity(a0 + 2 * (c0 + e / nB), b0 + 2 * (e % nB));
+    if (im.key_in) {
+      ex.for_each(nA, [&](int i) {
+        const int a = a0 + 2 * i;
+        key[a] = im.key_in[a];
+        best[a] = im.best_in[a];
       });
-      ex.for_each_warp(rows, [&](int i, int lane, int lanes, int) {
-        float top = neg_inf;
-        int arg = kNone;
-        for (int c = lane; c < nB; c += lanes)
-          if (sim[i * nB + c] > top) top = sim[i * nB + c], arg = c;
-        ex.warp_argmax(top, arg);
-        if (lane > 0) return;
-        const int a = a0 + 2 * (c0 + i);
-        key[a] = top;
-        best[a] = arg == kNone ? 0 : b0 + 2 * arg;
-      });
+    } else {
+      best_b_keys(ex, s, affinity, 0, nA, key, best, sim);
     }
     if (s.mix) {
       const float top_score = fmaxf(
