@@ -14,12 +14,14 @@ import triton.language as tl
 
 from . import _interpreter  # noqa: F401  (fixes triton 3.6's interpreter under NumPy 2.4)
 from .apply import build_rows
+from ..rules import NORM_EPS as _NORM_EPS, SCORE_EPS as _SCORE_EPS, n_keep
 
 # Compile-time constants: Triton lets @jit code read a global only when it is a tl.constexpr (the
 # interpreter reads any global, so only a compile catches a plain int here).
 PRUNE, EVIT, TOME, TRANSFORM = (tl.constexpr(i) for i in range(4))
 METHOD_IDS = {"prune": PRUNE.value, "evit": EVIT.value, "tome": TOME.value,
               "transform": TRANSFORM.value}
+NORM_EPS, SCORE_EPS = tl.constexpr(_NORM_EPS), tl.constexpr(_SCORE_EPS)
 
 
 @triton.jit
@@ -51,7 +53,7 @@ def affinity_tile(metric_ptr, norm_ptr, size_ptr, rows, cols, N, D, s_n, s_d,
     if WARD:
         s_i = tl.load(size_ptr + rows, mask=rows < N, other=1.0)
         s_j = tl.load(size_ptr + cols, mask=cols < N, other=1.0)
-        pair = s_i[:, None] * s_j[None, :] / tl.maximum(s_i[:, None] + s_j[None, :], 1e-30)
+        pair = s_i[:, None] * s_j[None, :] / tl.maximum(s_i[:, None] + s_j[None, :], SCORE_EPS)
         sim = -(pair * (1 - sim))
     return sim
 
@@ -154,7 +156,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
                 v = tl.load(metric_ptr + cols[:, None] * s_n + d[None, :] * s_d,
                             mask=(cols[:, None] < N) & (d[None, :] < D), other=0.0).to(tl.float32)
                 sq += tl.sum(v * v, axis=1)
-            tl.store(norm_ptr + cols, tl.maximum(tl.sqrt(sq), 1e-12))
+            tl.store(norm_ptr + cols, tl.maximum(tl.sqrt(sq), NORM_EPS))
         tl.debug_barrier()
 
     # Phase 1: the removal key of every token.
@@ -185,7 +187,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
                 score = tl.load(score_ptr + cols, mask=cols < N, other=0.0)
                 free = (cols < N) & (cols >= PREFIX)
                 top = tl.maximum(top, tl.max(tl.where(free, score, float("-inf")), axis=0))
-            top = tl.maximum(top, 1e-30)
+            top = tl.maximum(top, SCORE_EPS)
             tl.debug_barrier()
             for c0 in range(0, N, BN):
                 cols = c0 + tl.arange(0, BN)
@@ -212,7 +214,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
         size_all = tl.load(size_ptr + cols, mask=valid, other=0.0)
         fused = valid & (tl.load(keep_ptr + cols) == 0)
         mass = tl.sum(tl.where(fused, size_all, 0.0), axis=0)
-        score_mass = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), 1e-30)
+        score_mass = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), SCORE_EPS)
 
     # Phase 3: dst and weight, BM input tokens at a time.
     if METHOD == TRANSFORM:
@@ -358,11 +360,10 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
         metric = ref.new_zeros(B, N, 1)
     score = score.contiguous() if score is not None else weight  # unread without a score
     size = size.contiguous() if size is not None else torch.ones(B, N, device=ref.device)
-    n_keep = N - r - prefix - (1 if method == "evit" and r > 0 else 0)
     start, entry = rows if rows is not None else (dst, dst)
     match_kernel[(B,)](
         metric, score, size, dst, weight, norm, key, best, keep, out_rows, start, entry,
-        N, metric.shape[2], r, prefix, n_keep, float(1 - alpha), float(alpha), float(tau),
+        N, metric.shape[2], r, prefix, n_keep(method, N, r, prefix), float(1 - alpha), float(alpha), float(tau),
         metric.stride(0), metric.stride(1), metric.stride(2),
         METHOD=METHOD_IDS[method], BY_IMPORTANCE=by_importance, MIX=0 < alpha < 1,
         TARGETS_B=targets == "b", WARD=cost == "ward", K=K, KP=pow2(K, least=1),

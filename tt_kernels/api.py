@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import implementation
+from .rules import max_r  # noqa: F401  (part of the API)
 
 SOURCES = {"redundancy": 0.0, "importance": 1.0, "mix": 0.5}
 
@@ -36,15 +37,6 @@ def removal_alpha(source, alpha):
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"`alpha` must be a number in [0, 1] or None, got {alpha!r}")
     return float(alpha)
-
-
-def max_r(method, n, prefix=1, by_importance=False):
-    """Largest r a construction can remove from n tokens (ToMe's cap for bipartite choices)."""
-    if method == "evit":
-        return max(n - prefix - 1, 0)
-    if method == "prune" or (method == "transform" and by_importance):
-        return max(n - max(prefix, 1), 0)  # at least one token remains
-    return (n - prefix) // 2
 
 
 def match(metric, r, *, score=None, size=None, method="transform", k=1, tau=0.1,

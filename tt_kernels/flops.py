@@ -7,7 +7,7 @@ norms, softmax and activations are left out, as fvcore and ToMe do.
 import math
 import numbers
 
-from .api import max_r
+from .rules import a_count, max_r
 
 
 def _linear(layer):
@@ -21,7 +21,7 @@ def _similarity_rows(method, n, prefix, by_importance):
         return 0
     if by_importance:
         return n
-    return len(range(prefix + prefix % 2, n, 2))
+    return a_count(n, prefix)
 
 
 def step_sizes(n0, schedule, prefix=1, by_importance=False, method="transform"):

@@ -12,8 +12,7 @@ rounding. Only exact ties (equal inputs) are broken by index.
 """
 import torch
 
-NORM_EPS = 1e-12  # cosine of a zero vector is 0, not NaN
-SCORE_EPS = 1e-30  # an all-zero score must not divide by zero
+from ..rules import NORM_EPS, SCORE_EPS
 
 
 def similarity(metric, rows=None):
