@@ -118,8 +118,7 @@ import tt_kernels  # noqa: E402
 from tt_kernels import backends, reference, verify  # noqa: E402
 from tt_kernels import triton_kernels  # noqa: E402
 from tt_kernels.machine import git_state  # noqa: E402
-
-OPS = ("transform", "match", "apply", "untransform", "cls_attention")
+from tt_kernels.rules import OPS  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- machine

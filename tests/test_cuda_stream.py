@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tokens
+from tt_kernels.rules import OPS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ops = torch.ops.tt
@@ -27,9 +28,6 @@ def _calls():
         "cls_attention": (lambda q, k, size: ops.cls_attention(q, k, size),
                           (q, q.flip(2).contiguous(), t["size"])),
     }
-
-
-OPS = ["transform", "match", "apply", "untransform", "cls_attention"]
 
 
 def _as_tuple(out):

@@ -5,8 +5,8 @@ import torch
 
 from . import reference, triton_kernels, verdicts
 from .ops import GRADIENTS, ops
+from .rules import OPS
 
-OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # GPU backends become defaults only once verified on the GPU at hand (verdicts.py: the project's

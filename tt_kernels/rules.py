@@ -1,7 +1,11 @@
-"""The rules every layer shares: how many tokens a step may remove and keeps, which tokens may
-leave, and the guards against dividing by zero. Written once here and once in C++ (csrc/tt.h);
-tests/test_rules.py keeps the two equal.
+"""The rules every layer shares: which operators there are, how many tokens a step may remove and
+keeps, which tokens may leave, and the guards against dividing by zero. Written once here and once
+in C++ (csrc/tt.h); tests/test_rules.py keeps the two equal.
 """
+
+# The operators of torch.ops.tt, in the order of their schemas (csrc/ops.cpp); every backend, test
+# and benchmark iterates over this one tuple.
+OPS = ("match", "apply", "untransform", "transform", "cls_attention")
 
 NORM_EPS = 1e-12  # a zero vector's norm is clamped to this: its cosine is 0, not NaN
 SCORE_EPS = 1e-30  # an all-zero score (or sum of sizes) must not divide by zero
