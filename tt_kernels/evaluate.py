@@ -128,9 +128,8 @@ def reduced(model, settings, budget):
         schedule = [0] * len(model.blocks)
         return model, schedule, vit_flops(model, n0, schedule)
     patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings)
-    patched.token_reduction.start(n0)
-    return (patched, patched.token_reduction.schedule,
-            patched.token_reduction.schedule_flops(model, n0))
+    schedule = patched.token_reduction.schedule_for(n0)
+    return patched, schedule, patched.token_reduction.schedule_flops(model, n0, schedule)
 
 
 def outputs(model, images, decoder, args):

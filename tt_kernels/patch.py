@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from . import api, attention
-from .backends import check_backend
+from .backends import check_backend, implementation
 from .flops import check_fraction, schedule_for_budget, step_sizes, vit_flops
 from .ops import ops
 
@@ -67,6 +67,7 @@ class TokenReduction:
     _k: torch.Tensor = _state(default=None)
     _model: object = _state(default=None)  # weak reference to the patched model
     _schedules: dict = _state(default_factory=dict)  # solved schedules, by token count and settings
+    _step: tuple = _state(default=None)  # (transform, cls_attention or None, the op's settings)
 
     @property
     def by_importance(self):
@@ -78,17 +79,18 @@ class TokenReduction:
         return self.method in ("prune", "evit") or (
             self.method == "transform" and api.removal_alpha(self.source, self.alpha) > 0)
 
-    def step_settings(self):
-        """tt_kernels.transform's keywords; ToMe, prune and evit keep their published recipes."""
+    def op_settings(self):
+        """tt.transform's settings after (x, size, metric, score, r): ToMe, prune and evit keep
+        their published recipes, the op's defaults."""
         if self.method != "transform":
-            return dict(method=self.method)
-        return dict(method="transform", k=self.k, tau=self.tau, source=self.source,
-                    alpha=self.alpha, targets=self.targets, cost=self.cost, mode=self.mode)
+            return (self.method, 1, 0.1, 0.0, "all", self.prefix, "mean", "cosine")
+        return ("transform", self.k, self.tau, api.removal_alpha(self.source, self.alpha),
+                self.targets, self.prefix, self.mode, self.cost)
 
-    def schedule_flops(self, model, n0):
-        """FLOPs of one image under the schedule of the last forward (exact counter)."""
-        return vit_flops(model, n0, self.schedule, self.prefix, self.by_importance, self.method,
-                         self.metric_dim(model))
+    def schedule_flops(self, model, n0, schedule=None):
+        """FLOPs of one image under `schedule` (default: the last forward's), exact counter."""
+        return vit_flops(model, n0, self.schedule if schedule is None else schedule, self.prefix,
+                         self.by_importance, self.method, self.metric_dim(model))
 
     def metric_dim(self, model):
         """Width of the similarity metric, for the FLOPs counter."""
@@ -153,10 +155,15 @@ class TokenReduction:
             self._schedules[key] = self.resolve_schedule(self._model(), n0)
         return self._schedules[key]
 
-    def start(self, n0):
-        """Begins a forward of n0 tokens."""
+    def start(self, n0, device):
+        """Begins a forward of n0 tokens on `device`: the schedule, and the kernels its steps
+        call, chosen once for every block (a block then makes one op call, no API layer)."""
         self.size, self.steps = None, []
         self.schedule = list(self.schedule_for(n0))
+        score = implementation("cls_attention", self.backend, device) if self.needs_score() \
+            else None
+        self._step = (implementation("transform", self.backend, device), score,
+                      self.op_settings())
 
 
 SETTINGS = tuple(f.name for f in fields(TokenReduction) if not f.metadata.get("state"))
@@ -222,18 +229,18 @@ def _block_forward(self, x, attn_mask=None, is_causal=False):
     if attn_mask is not None or is_causal:
         raise NotImplementedError("a patched block takes no attn_mask / is_causal")
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
-        tr.start(x.shape[1])
+        tr.start(x.shape[1], x.device)
     x = x + self.drop_path1(self.ls1(attention.attend(self.attn, self.norm1(x), tr.size,
                                                       tr.attention)))
     r = tr.schedule[self.token_reduction_index]
     if r:
-        score = api.cls_attention(tr._q, tr._k, tr.size, backend=tr.backend) \
-            if tr.needs_score() else None
-        x, tr.size, T = api.transform(x, tr.metric_of(tr._q, tr._k), r, size=tr.size,
-                                      score=score, prefix=tr.prefix, backend=tr.backend,
-                                      **tr.step_settings())
+        transform, cls_attention, settings = tr._step
+        size = tr.size if tr.size is not None else torch.ones(x.shape[:2], device=x.device)
+        score = cls_attention(tr._q, tr._k, size, None) if cls_attention else None
+        x, tr.size, dst, weight = transform(x, size, tr.metric_of(tr._q, tr._k), score, r,
+                                            *settings)
         if tr.record:
-            tr.steps.append(T)
+            tr.steps.append(api.Transform(dst, weight, x.shape[1]))
     tr._q = tr._k = None
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
