@@ -1,9 +1,11 @@
-"""Reference constructions of the sparse transformation T (the spec in code).
+"""Reference match: how similar tokens are, the four constructions of the sparse transformation T
+(prune, evit, tome, transform) and ``match``, which runs one of them (the spec in code).
 
-Every construction returns ``dst`` int64 [B, N, K] and ``weight`` fp32 [B, N, K] in the ELL-by-column
-format of ``sparse.py``. Output order: the ``prefix`` protected tokens first, then the kept tokens in
-ascending original index (evit's fused token last). Ties are broken towards the lower index, always
-through stable sorts. Unused slots carry weight 0 and dst 0.
+T is stored by input token ("ELL by column"): input token j sends share ``weight[b, j, k]`` of
+itself to output row ``dst[b, j, k]``. Every construction returns ``dst`` int64 [B, N, K] and
+``weight`` fp32 [B, N, K]. Output order: the ``prefix`` protected tokens first, then the kept
+tokens in ascending original index (evit's fused token last). Ties are broken towards the lower
+index, always through stable sorts. Unused slots carry weight 0 and dst 0.
 
 Affinities, keys and softmax weights are computed in float64: the choices are then those of exact
 arithmetic on every machine and BLAS path (the fp32 GEMM's rounding differs between CPUs), and
@@ -170,3 +172,19 @@ def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score
     weight = torch.where(used, torch.softmax(cos / tau, -1), 0.0).float()
     dst = torch.where(used, _kept_rows(keep).gather(1, top.flatten(1)).reshape(top.shape), 0)
     return _ell(keep, dst, weight)
+
+
+def match(metric, score, size, r, method, k=1, tau=0.1, alpha=0.0, targets="all", prefix=1,
+          cost="cosine"):
+    """Build T = (dst, weight) with one of the constructions (same arguments as ``tt.match``).
+
+    T is a constant of the step, as in every backend: gradients reach x through apply, never
+    metric, score or size through T's weights."""
+    with torch.no_grad():
+        if method == "prune":
+            return prune(score, r, prefix)
+        if method == "evit":
+            return evit(score, size, r, prefix)
+        if method == "tome":
+            return tome(metric, r, prefix)
+        return transform(metric, r, prefix, k, tau, alpha, targets, score, size, cost)

@@ -1,4 +1,5 @@
-"""Reference importance score: the class token's attention, with the proportional bias."""
+"""Reference cls_attention: the importance score, the class token's attention with the proportional
+bias."""
 import torch
 
 

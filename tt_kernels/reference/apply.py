@@ -1,7 +1,6 @@
-"""Reference apply and untransform of a sparse token transformation T.
-
-T is stored by input token ("ELL by column"): input token j sends share ``weight[b, j, k]`` of itself
-to output row ``dst[b, j, k]``. Everything is accumulated in fp32 and written in the input's dtype.
+"""Reference apply: X' = T X, with T in the format of ``match.py`` (input token j sends share
+``weight[b, j, k]`` of itself to output row ``dst[b, j, k]``). Accumulated in fp32, written in x's
+dtype.
 """
 import torch
 
@@ -35,16 +34,3 @@ def apply(x, size, dst, weight, n_out, mode="mean"):
         length = out.norm(dim=-1, keepdim=True)
         out = torch.where(length > 0, out * (norm / length), 0.0)
     return out.to(x.dtype), size_out
-
-
-def untransform(y, dst, weight):
-    """The column-normalised transpose of T: x_full[j] = sum_k weight * y[dst] / sum_k weight.
-
-    Pruned tokens (all weights zero) come back as zeros.
-    """
-    B, N, K = dst.shape
-    C = y.shape[-1]
-    gathered = y.float().gather(1, dst.reshape(B, N * K, 1).expand(B, N * K, C)).reshape(B, N, K, C)
-    total = weight.sum(-1, keepdim=True)
-    coef = torch.where(total > 0, weight / total, 0.0)
-    return (gathered * coef[..., None]).sum(2).to(y.dtype)
