@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tt_kernels
-from conftest import (SIZE_TOL, WEIGHT_TOL, apply_magnitude, cls_attention_tol, make_tokens,
-                      sum_tol, x_tol)
+from conftest import SIZE_TOL, WEIGHT_TOL, apply_magnitude, cls_attention_tol, sum_tol, x_tol
 from tt_kernels import reference
+from tt_kernels.measure import vit_tokens
 
 # (method, keywords of the API): every source of removal, k and targets
 CONSTRUCTIONS = [
@@ -20,7 +20,7 @@ IDS = [m + "".join(f"-{k}{v}" for k, v in kw.items()) for m, kw in CONSTRUCTIONS
 
 
 def _tokens(dtype=torch.float32, B=3, N=197, seed=0):
-    return make_tokens(B, N, dtype=dtype, seed=seed, duplicates=True)
+    return vit_tokens(B, N, dtype=dtype, seed=seed, duplicates=True)
 
 
 def _assert_same_T(got, want):
@@ -171,7 +171,7 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_triton_backend_has_the_gradients_of_the_ops(mode):
     """backend="triton" is differentiable where torch.ops.tt is, with the ops' own formulas: with
     k = 1 (weights exactly 0 or 1) and integer sizes, T and every gradient equal the op's."""
-    t = make_tokens(2, 33, seed=6, duplicates=True)
+    t = vit_tokens(2, 33, seed=6, duplicates=True)
     t = {name: v.to(TRITON_DEVICE) for name, v in t.items()}
     g = torch.Generator().manual_seed(7)
     up, up_full, y = (torch.randn(2, n, 24, generator=g).to(TRITON_DEVICE) for n in (25, 33, 25))

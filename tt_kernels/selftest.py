@@ -20,6 +20,7 @@ import torch
 
 from . import backends, reference, verdicts, verify
 from .api import max_r
+from .measure import vit_tokens
 
 # name: (tokens N, channels C, heads H, batches); head dim 64. The metric is the full queries
 # (D = C) for transform, the keys' head mean (D = 64) for tome, as tt_kernels.patch passes them.
@@ -49,22 +50,12 @@ MATCH_ORDER = ("k", "tau", "alpha", "targets")
 
 
 def tokens(B, N, C, H, dtype, device, seed):
-    """Inputs that look like a ViT block's: x, a metric with a shared component (similarities
-    mostly positive and close, as attention keys give), sizes 1-4, the class attention as score,
-    and per-head q, k."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, shared=0.0):
-        t = torch.randn(*shape, generator=g)
-        return t + shared * torch.randn(shape[0], 1, *shape[2:], generator=g) if shared else t
-
-    t = dict(x=randn(B, N, C), queries=randn(B, N, C, shared=1.5),
-             keys=randn(B, N, HEAD_DIM, shared=1.5), score=(2 * randn(B, N)).softmax(-1),
-             size=torch.randint(1, 5, (B, N), generator=g).float(),
-             q=randn(B, H, 1, HEAD_DIM), k=randn(B, H, N, HEAD_DIM))
-    half = {"x", "queries", "keys", "q", "k"}
-    return {name: v.to(device=device, dtype=dtype if name in half else v.dtype)
-            for name, v in t.items()}
+    """Inputs that look like a ViT block's (tt_kernels.measure.vit_tokens, drawn on the CPU so that
+    every device gets the same): x, the full queries as transform's metric (D = C), the keys' head
+    mean as tome's, sizes 1-4, a softmax score and per-head q, k."""
+    t = vit_tokens(B, N, C, D=C, dtype=dtype, seed=seed, heads=H, head_dim=HEAD_DIM)
+    t["keys"] = t["k"].mean(1)
+    return {name: v.to(device) for name, v in t.items()}
 
 
 def cases(shapes, dtypes, device):
@@ -78,7 +69,7 @@ def cases(shapes, dtypes, device):
                 t = tokens(B, N, C, H, dtype, device, seed)
                 tag = f"{model}-B{B}-{str(dtype)[6:]}"
                 for name, (kw, mode) in CONSTRUCTIONS.items():
-                    metric = t["keys"] if kw["method"] == "tome" else t["queries"]
+                    metric = t["keys"] if kw["method"] == "tome" else t["metric"]
                     r = min(N // 4, max_r(kw["method"], N, 1, kw.get("alpha") == 1))
                     full = dict(dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **kw)
                     rest = (r, full["method"], *(full[k] for k in MATCH_ORDER), 1)

@@ -1,0 +1,49 @@
+"""tt_kernels.measure: the turns' order and statistics, and the CPU clock's calls."""
+import pytest
+import torch
+
+from tt_kernels import measure
+
+
+def test_turns_alternate_the_order_and_take_medians():
+    ran = []
+    times = {"a": iter([5.0, 1.0, 3.0]), "b": iter([2.0, 9.0, 4.0])}
+    calls = {name: (lambda name=name: ran.append(name)) for name in times}
+
+    def clock(fn):  # one call a turn; its "time" the candidate's next value
+        fn()
+        return [next(times[ran[-1]])]
+
+    result = measure.time_in_turns(calls, 3, clock, warmup=2)
+    assert ran == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
+    assert result["a"]["median_ms"] == 3.0 and result["b"]["median_ms"] == 4.0
+    assert (result["a"]["min_ms"], result["a"]["max_ms"]) == (1.0, 5.0)
+    assert result["a"]["times_ms"] == [1.0, 3.0, 5.0] and result["a"]["samples"] == 3
+
+
+def test_summary_quantiles():
+    s = measure.summary([float(v) for v in range(1, 22)])  # 1 .. 21
+    assert (s["median_ms"], s["q1_ms"], s["q3_ms"], s["p20_ms"], s["p80_ms"]) == \
+        (11.0, 6.0, 16.0, 5.0, 17.0)
+
+
+@pytest.mark.parametrize("repeats,turns,number", [(15, 5, 3), (3, 3, 1), (7, 5, 2), (1, 1, 1)])
+def test_cpu_turns_cover_the_repeats(repeats, turns, number):
+    got_turns, clock = measure.cpu_turns(repeats)
+    assert (got_turns, clock.number) == (turns, number)
+
+
+def test_cpu_clock_times_the_calls_after_two_discarded_ones():
+    calls = []
+    ms, = measure.CpuClock(number=3)(lambda: calls.append(torch.get_num_threads()))
+    assert len(calls) == 2 + 3 and ms > 0
+    assert set(calls) == {torch.get_num_threads()}  # Timer's default would be one thread
+
+
+def test_tokens_with_heads_add_q_and_k_after_the_rest():
+    plain = measure.vit_tokens(2, 17, C=8, D=16, seed=3, duplicates=True)
+    t = measure.vit_tokens(2, 17, C=8, D=16, seed=3, duplicates=True, heads=3, head_dim=4,
+                           dtype=torch.bfloat16)
+    assert t["q"].shape == t["k"].shape == (2, 3, 17, 4) and t["k"].dtype == torch.bfloat16
+    assert torch.equal(t["metric"], plain["metric"].bfloat16())
+    assert torch.equal(t["size"], plain["size"]) and torch.equal(t["score"], plain["score"])

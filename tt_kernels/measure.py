@@ -1,0 +1,171 @@
+"""Measuring, written once for the tests, bench/, scripts/ and the self-test: inputs that look like
+a ViT block's tokens, and timing in turns. (What a measurement ran on: tt_kernels.machine.)
+
+Timing in turns. The candidates (backends of one op, rows of a model benchmark, forms of attention)
+are timed in the same process, turn after turn, each turn timing every candidate once (in order,
+then in reverse order: A B, B A, ...), so that a change of load on a shared machine, or of clock on
+a GPU, hits all of them alike. A candidate's time is the median over its turns; a ratio of two
+candidates is the ratio of their medians. A clock times one candidate in one turn:
+
+  CpuClock      torch.utils.benchmark.Timer.timeit: wall time of `number` calls after the two that
+                Timer runs first and discards, so each turn opens on caches of its own and no
+                candidate is timed on caches another just evicted. Timer's own default of one
+                thread is replaced by torch's thread count as it is set.
+  DoBenchClock  triton.testing.do_bench: CUDA events around single calls with the L2 cache flushed
+                before each, an op meeting its inputs as one layer of a network does; `warmup_ms`
+                and `rep_ms` of a turn.
+  EventClock    CUDA events around `number` calls back to back (or as many as fill `fill_ms`,
+                found once per candidate), L2 not flushed. For what do_bench does not fit: whole
+                forwards, whose weights and activations stay warm in a served model, and attention
+                calls, whose q, k, v the projection has just written; both counted in calls, not
+                in do_bench's milliseconds.
+"""
+import math
+import statistics
+
+import torch
+from torch.utils import benchmark
+
+
+def vit_tokens(B, N, C=24, D=16, dtype=torch.float32, seed=0, duplicates=False, unit_size=False,
+               heads=0, head_dim=64, device="cpu"):
+    """x [B, N, C] and metric [B, N, D] in `dtype`, fp32 size [B, N] and score [B, N]; with
+    `heads`, also q and k [B, heads, N, head_dim] in `dtype`. Drawn from one generator seeded with
+    `seed` on `device`, in that order (the tests' seeds screen for near ties: the order stays).
+
+    The metric and k have a shared component per image (as attention keys do), so similarities are
+    mostly positive and close; the score is a softmax over tokens, as the class attention is; sizes
+    are 1 to 4 (as after earlier merges), or 1 with `unit_size`. With `duplicates`, several groups
+    of tokens get exactly the same metric row and score, so that selections and top-k choices meet
+    exact ties (which must go to the lower index) whatever the rounding.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    x = randn(B, N, C)
+    metric = randn(B, N, D) + 1.5 * randn(B, 1, D)
+    score = (2 * randn(B, N)).softmax(-1)
+    if unit_size:
+        size = torch.ones(B, N, device=device)
+    else:
+        size = torch.randint(1, 5, (B, N), generator=g, device=device).float()
+    if duplicates and N > 8:
+        # Each group's shared row has entries +-2^-3 (D = 16): its normalised entries, their
+        # products and any sum of them are exact, so the cosine of two members is exactly 1 in
+        # every summation order, and ties across groups stay exact in kernels that round
+        # differently from the reference.
+        assert D == 16, "duplicate rows assume D = 16"
+        for group, start in enumerate(range(2, N - 6, max(N // 4, 7))):
+            rows = [start, start + 1, start + 3, start + 6][: 2 + group % 3]
+            signs = torch.randint(0, 2, (B, 1, D), generator=g, device=device).float() * 2 - 1
+            metric[:, rows] = signs / 8
+            score[:, rows] = score[:, rows[:1]]
+    tokens = dict(x=x.to(dtype), size=size, metric=metric.to(dtype), score=score)
+    if heads:
+        tokens["q"] = randn(B, heads, N, head_dim).to(dtype)
+        tokens["k"] = (randn(B, heads, N, head_dim) + 1.5 * randn(B, 1, 1, head_dim)).to(dtype)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- clocks
+
+
+class CpuClock:
+    """ms per call of `number` calls, one sample a turn (module docstring)."""
+
+    def __init__(self, number=1):
+        self.number = number
+
+    def __call__(self, fn):
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
+                                num_threads=torch.get_num_threads())
+        return [timer.timeit(self.number).median * 1e3]
+
+    def __str__(self):
+        return (f"torch.utils.benchmark.Timer.timeit({self.number}) per turn, after its 2 discarded "
+                f"calls, {torch.get_num_threads()} threads")
+
+
+def cpu_turns(repeats, turns=5):
+    """(turns, CpuClock) timing `repeats` calls of each candidate (rounded up to a multiple of the
+    turns) in at most `turns` turns: fewer turns than calls, as each turn costs Timer's two
+    discarded calls."""
+    turns = max(1, min(turns, repeats))
+    return turns, CpuClock(-(-repeats // turns))
+
+
+class DoBenchClock:
+    """Every call's ms that triton.testing.do_bench measured in a turn (module docstring)."""
+
+    def __init__(self, warmup_ms=25.0, rep_ms=100.0):
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+
+    def __call__(self, fn):
+        from triton.testing import do_bench
+        return list(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="all"))
+
+    def __str__(self):
+        return (f"triton.testing.do_bench(warmup={self.warmup_ms:g} ms, rep={self.rep_ms:g} ms) "
+                "per turn: CUDA events around each call, L2 flushed before each; host-side launch "
+                "cost included")
+
+
+class EventClock:
+    """ms per call of `number` calls back to back between two CUDA events, one sample a turn; with
+    `fill_ms`, as many calls as fill it (at most `max_number`), from one timed call the first time
+    a candidate is seen. `calls` holds each candidate's calls per turn."""
+
+    def __init__(self, number=1, fill_ms=None, max_number=50):
+        self.number, self.fill_ms, self.max_number = number, fill_ms, max_number
+        self.calls = {}
+
+    @staticmethod
+    def _span_ms(fn, number):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    def __call__(self, fn):
+        if fn not in self.calls:
+            self.calls[fn] = self.number if self.fill_ms is None else max(1, min(
+                self.max_number, math.ceil(self.fill_ms / max(self._span_ms(fn, 1), 1e-3))))
+        return [self._span_ms(fn, self.calls[fn]) / self.calls[fn]]
+
+    def __str__(self):
+        calls = f"{self.number} calls" if self.fill_ms is None else \
+            f"as many calls as fill {self.fill_ms:g} ms (at most {self.max_number})"
+        return f"CUDA events around {calls} per turn, synchronised, L2 not flushed"
+
+
+# ----------------------------------------------------------------------------- turns
+
+
+def summary(times_ms):
+    """Median, extremes, quartiles and 20/80 % quantiles of samples in ms."""
+    times = sorted(times_ms)
+    cuts = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
+            "q1_ms": cuts[4], "q3_ms": cuts[14], "p20_ms": cuts[3], "p80_ms": cuts[15],
+            "samples": len(times), "times_ms": times}
+
+
+def time_in_turns(calls, turns, clock, warmup=0):
+    """{name: summary(...)} of each zero-argument callable in `calls` ({name: fn}): `warmup` calls
+    of each discarded, then `turns` turns of `clock` over every candidate, in order and then in
+    reverse order by turns (module docstring)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    names = list(calls)
+    samples = {name: [] for name in names}
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else reversed(names):
+            samples[name] += clock(calls[name])
+    return {name: summary(times) for name, times in samples.items()}
