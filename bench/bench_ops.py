@@ -1,8 +1,10 @@
 """Microbenchmarks of the tt operators on CPU: the pure-PyTorch reference against the C++ kernels.
 
 Every case runs the same arguments through ``tt_kernels.reference.<op>`` and ``torch.ops.tt.<op>``
-(what ``backend="reference"`` and ``backend="cpu"`` call), checks once that the results agree, then
-times both: warm-up calls discarded, median of the repeats (with min, max and quartiles).
+(what ``backend="reference"`` and ``backend="cpu"`` call), checks once that the C++ result agrees
+with the reference (tt_kernels.verify: bounds from the arithmetic, near ties judged against the
+float64 reference), then times both in turns (tt_kernels.measure): warm-up calls discarded, median
+over the turns (with min, max and quartiles).
 The headline case is tt.transform with B=64, N=197, C=384, D=64, r=16, method="transform", k=4,
 fp32.
 
@@ -17,21 +19,17 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from tt_kernels import reference
+from tt_kernels import measure, reference, verify
 from tt_kernels.machine import machine_info
 from tt_kernels.ops import ops
 
 HERE = Path(__file__).resolve().parent
 HEADLINE = "transform/transform k=4"  # the case whose speed-up is the goal (>= 2x)
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 sums in a different order
-WEIGHT_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -44,19 +42,6 @@ def machine_slug(info):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def make_inputs(B, N, C, D, H, seed=0):
-    """Random tokens in a mid-network state: sizes 1..4 (as after earlier merges), a score that is
-    a real class attention (sums to 1 per image), keys averaged over heads as the metric."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, C, generator=g)
-    q = torch.randn(B, H, N, D, generator=g)
-    k = torch.randn(B, H, N, D, generator=g)
-    size = torch.randint(1, 5, (B, N), generator=g).float()
-    metric = k.mean(1)
-    score = reference.cls_attention(q, k, size)
-    return dict(x=x, q=q, k=k, size=size, metric=metric, score=score)
 
 
 CONSTRUCTIONS = {
@@ -72,14 +57,14 @@ CONSTRUCTIONS = {
 def build_cases(shape, constructions, ops_for_first, tag):
     """Cases for one shape: every op for the first construction, match+transform for the others."""
     B, N, C, D, H, r = (shape[key] for key in "BNCDHr")
-    inp = make_inputs(B, N, C, D, H)
+    inp = measure.vit_tokens(B, N, C, D, heads=H, head_dim=D)
     x, size, metric, score, q, k = (inp[key] for key in ("x", "size", "metric", "score", "q", "k"))
     cases = []
     for i, name in enumerate(constructions):
         method, kk, alpha = CONSTRUCTIONS[name]
         construction = (r, method, kk, 0.1, alpha, "all", 1)
-        match_args = (metric, score, size) + construction
-        step_args = (x, size, metric, score) + construction + ("mean",)
+        match_args = (metric, score, size) + construction + ("cosine",)
+        step_args = (x, size, metric, score) + construction + ("mean", "cosine")
         wanted = ops_for_first if i == 0 else ("match", "transform")
         for op in wanted:
             if op == "match":
@@ -107,66 +92,19 @@ def build_cases(shape, constructions, ops_for_first, tag):
 # ----------------------------------------------------------------------------- check and time
 
 
-def compare(op, ref_out, cpu_out):
-    """(ok, details): dst exactly, floats within tolerance."""
-    ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
-    cpu_out = cpu_out if isinstance(cpu_out, tuple) else (cpu_out,)
-    names = {"match": ("dst", "weight"), "apply": ("x", "size"), "untransform": ("x",),
-             "transform": ("x", "size", "dst", "weight"), "cls_attention": ("score",)}[op]
-    if not len(names) == len(ref_out) == len(cpu_out):
-        return False, {"outputs": f"{len(ref_out)} reference vs {len(cpu_out)} C++ outputs"}
-    ok, details = True, {}
-    for name, a, b in zip(names, ref_out, cpu_out, strict=True):
-        if a.shape != b.shape or a.dtype != b.dtype:
-            ok = False
-            details[name] = f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-        elif name == "dst":
-            bad = int((a != b).sum())
-            ok &= bad == 0
-            details[name] = f"{bad} differ"
-        else:
-            tol = WEIGHT_TOL if name == "weight" else TOL
-            close = torch.allclose(a.float(), b.float(), **tol)
-            ok &= close
-            details[name] = f"max abs diff {float((a.float() - b.float()).abs().max()):.2e}"
-    return bool(ok), details
-
-
-def summarize(times, warmup):
-    times = sorted(times)
-    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
-            "q1_ms": q1, "q3_ms": q3, "repeats": len(times), "warmup": warmup,
-            "times_ms": times}
-
-
-def time_calls(fns, args, warmup, repeats, rounds=3):
-    """Times several implementations of one call in `rounds` alternating blocks (A B, B A, ...),
-    so that a load change on a shared machine hits all of them alike. Each block starts with one
-    discarded call, so no implementation is timed on caches the other one just evicted."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn(*args)
-    rounds = max(1, min(rounds, repeats))
-    times = [[] for _ in fns]
-    for rnd in range(rounds):
-        count = repeats // rounds + (rnd < repeats % rounds)
-        for i in (range(len(fns)) if rnd % 2 == 0 else reversed(range(len(fns)))):
-            fns[i](*args)
-            for _ in range(count):
-                start = time.perf_counter()
-                fns[i](*args)
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [summarize(t, warmup) for t in times]
+def time_calls(calls, warmup, repeats):
+    """{name: timing} of zero-argument calls, `repeats` calls of each in turns."""
+    return measure.time_in_turns(calls, *measure.cpu_turns(repeats), warmup=warmup)
 
 
 def run_case(case, warmup, repeats):
-    op = case["op"]
-    ref_fn = getattr(reference, op)
-    cpu_fn = getattr(ops, op)
+    op, args = case["op"], case["args"]
+    ref_fn, cpu_fn = getattr(reference, op), getattr(ops, op)
     with torch.no_grad():
-        ok, details = compare(op, ref_fn(*case["args"]), cpu_fn(*case["args"]))
-        ref_t, cpu_t = time_calls((ref_fn, cpu_fn), case["args"], warmup, repeats)
+        ok, details = verify.check(op, cpu_fn(*args), *args)
+        t = time_calls({"reference": lambda: ref_fn(*args), "cpu": lambda: cpu_fn(*args)}, warmup,
+                       repeats)
+    ref_t, cpu_t = t["reference"], t["cpu"]
     return {"name": case["name"], "op": op, "construction": case["construction"],
             "shape": case["shape"], "dtype": "float32", "agree": ok, "check": details,
             "reference": ref_t, "cpu": cpu_t,
@@ -184,8 +122,8 @@ def fp32_similarity(metric):
 def similarity_context(shape, warmup, repeats):
     """How long the C++ backend's cosine-similarity GEMM takes alone, to see how much of its
     match/transform is GEMM and how much is the construction."""
-    inp = make_inputs(shape["B"], shape["N"], shape["C"], shape["D"], shape["H"])
-    t, = time_calls((fp32_similarity,), (inp["metric"],), warmup, repeats)
+    metric = measure.vit_tokens(shape["B"], shape["N"], shape["C"], shape["D"])["metric"]
+    t = time_calls({"gemm": lambda: fp32_similarity(metric)}, warmup, repeats)["gemm"]
     return {"shape": dict(shape), **{key: t[key] for key in ("median_ms", "min_ms", "max_ms")}}
 
 
@@ -238,8 +176,9 @@ def main(argv=None):
     print(f"machine: {info['cpu_model']}, {info['usable_cpus']} usable CPUs, "
           f"torch {info['torch']}, "
           f"torch.get_num_threads() = {info['torch_num_threads']} (default, not changed)")
-    print(f"timing: {warmup} warm-up calls discarded, median of {repeats} "
-          f"(min-max in brackets){'  [--quick]' if args.quick else ''}")
+    turns, clock = measure.cpu_turns(repeats)
+    print(f"timing: {warmup} warm-up calls discarded, then {turns} turns of {clock}; median over "
+          f"the turns (min-max in brackets){'  [--quick]' if args.quick else ''}")
     if load_before[0] > 0.5:
         print(f"note: 1-min load average {load_before[0]:.2f} at the start: other processes have "
               f"used "
@@ -287,14 +226,16 @@ def main(argv=None):
         "quick": args.quick,
         "machine": info,
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
-        "timing": {"warmup": warmup, "repeats": repeats, "clock": "time.perf_counter",
-                   "order": "3 rounds of blocks, reference then C++, C++ then reference, ...; "
-                            "each block starts with one more discarded call",
-                   "statistic": "median (min, max, quartiles; raw times_ms kept)",
+        "timing": {"warmup": warmup, "repeats": repeats, "turns": turns, "clock": str(clock),
+                   "order": "turns: reference then C++, C++ then reference, ... "
+                            "(tt_kernels.measure.time_in_turns)",
+                   "statistic": "median over the turns of the ms per call (min, max, quartiles; "
+                                "each turn's times_ms kept)",
                    "grad": "torch.no_grad()"},
-        "inputs": "random normal x, q, k; metric = k averaged over heads; size random ints 1..4; "
-                  "score = reference cls_attention(q, k, size); tau 0.1, targets 'all', prefix 1, "
-                  "mode 'mean'",
+        "inputs": "tt_kernels.measure.vit_tokens: random normal x, q, k, metric (metric and k "
+                  "with a shared component per image); size random ints 1..4; score a softmax; "
+                  "tau 0.1, targets 'all', prefix 1, mode 'mean'",
+        "checks": "tt_kernels.verify.check of the C++ outputs against the reference",
         "headline": {"case": HEADLINE, "reference_ms": headline["reference"]["median_ms"],
                      "cpu_ms": headline["cpu"]["median_ms"], "speedup": headline["speedup"],
                      "reference_min_ms": headline["reference"]["min_ms"],

@@ -8,14 +8,16 @@ pretrained weights can be downloaded here). Inside block
 ``--blocks`` it captures x after the attention residual, the attention keys averaged over heads
 (the metric) and the class-attention score (tt.cls_attention of that block's q and k, computed by
 calling the block's own ``attn.qkv`` on ``norm1(x)``). Then each construction removes ``--r``
-tokens with backend="reference" and backend="cpu"; the table says whether they agree (dst
-exactly, x within tolerance), how long each takes, and, as a sanity check, the cosine between the
-mean token (class token excluded) before and after (size-weighted after: 1 when mass is kept).
+tokens with backend="reference" and backend="cpu"; the table says whether the C++ result agrees
+with the reference (tt_kernels.verify: T exactly but for near ties, x within bounds from the
+arithmetic), how long each takes (in turns, tt_kernels.measure), and, as a sanity check, the cosine
+between the mean token (class token excluded) before and after (size-weighted after: 1 when mass
+is kept).
 Writes demo.json and demo.md to ``--out``. Exits with status 1 if any result disagrees.
 """
 import argparse
+import inspect
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import api, data
+from . import api, data, measure, verify
 from .machine import cpu_model, machine_info
 
 CONSTRUCTIONS = [
@@ -35,7 +37,6 @@ CONSTRUCTIONS = [
     ("transform k=4", dict(method="transform", k=4)),
     ("transform k=4 mix", dict(method="transform", k=4, source="mix")),
 ]
-TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def load_images(batch, resolution, mean, std):
@@ -65,24 +66,9 @@ def capture(model, images, block):
     return x, k.mean(1), q, k
 
 
-def timed(fns, warmup, repeats, rounds=3):
-    """Median (and min, max) ms of each call: warm-up discarded, then `rounds` alternating blocks
-    (A B, B A, ...) so that load changes hit all alike, each block opened by one discarded call."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    rounds = max(1, min(rounds, repeats))
-    times = [[] for _ in fns]
-    for rnd in range(rounds):
-        count = repeats // rounds + (rnd < repeats % rounds)
-        for i in (range(len(fns)) if rnd % 2 == 0 else reversed(range(len(fns)))):
-            fns[i]()
-            for _ in range(count):
-                start = time.perf_counter()
-                fns[i]()
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [{"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t)}
-            for t in times]
+def timed(calls, args):
+    """{name: timing} of the zero-argument calls, --repeats of each in turns after --warmup."""
+    return measure.time_in_turns(calls, *measure.cpu_turns(args.repeats), warmup=args.warmup)
 
 
 def mean_token_cosine(x, size, x_out, size_out, prefix):
@@ -93,16 +79,14 @@ def mean_token_cosine(x, size, x_out, size_out, prefix):
     return F.cosine_similarity(before, after, dim=-1), F.cosine_similarity(before, plain, dim=-1)
 
 
-def compare(ref, cpu):
-    """Agreement of (x_out, size_out, T) from the two backends: dst exactly, floats closely."""
-    (x_r, s_r, t_r), (x_c, s_c, t_c) = ref, cpu
-    dst_diff = int((t_r.dst != t_c.dst).sum()) if t_r.dst.shape == t_c.dst.shape else -1
-    dx = float((x_r - x_c).abs().max())
-    ok = (dst_diff == 0 and torch.allclose(x_r, x_c, **TOL) and torch.allclose(s_r, s_c, **TOL)
-          and torch.allclose(t_r.weight, t_c.weight, rtol=1e-5, atol=1e-6))
-    return ok, {"dst_differ": dst_diff, "max_abs_dx": dx,
-                "max_abs_dsize": float((s_r - s_c).abs().max()),
-                "max_abs_dweight": float((t_r.weight - t_c.weight).abs().max())}
+def transform_args(x, metric, r, **kwargs):
+    """api.transform's arguments as tt.transform's positional ones (what verify.check judges)."""
+    bound = inspect.signature(api.transform).bind(x, metric, r, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    return (x, a["size"], metric, a["score"], r, a["method"], a["k"], a["tau"],
+            api.removal_alpha(a["source"], a["alpha"]), a["targets"], a["prefix"], a["mode"],
+            a["cost"])
 
 
 def markdown(report):
@@ -124,8 +108,8 @@ def markdown(report):
     lines += ["", f"Score (tt.cls_attention, [{cfg['batch']}, {report['n_tokens']}]): reference "
               f"{s['reference']['median_ms']:.2f} ms, C++ {s['cpu']['median_ms']:.2f} ms, "
               f"agree: {'yes' if s['agree'] else 'NO'}.", "",
-              "Times: median of the repeats after warm-up, in alternating blocks of reference "
-              "and C++ calls. cos(mean token): cosine between the mean token (class token "
+              "Times: median over turns after warm-up, each turn timing the reference and C++ "
+              "(tt_kernels.measure). cos(mean token): cosine between the mean token (class token "
               "excluded) before and the size-weighted mean token after the reduction, averaged "
               "over images; 1 where the construction keeps the total mass."]
     return "\n".join(lines) + "\n"
@@ -181,12 +165,11 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads\n")
 
         # The score: class attention of this block, both backends.
-        s_ref = api.cls_attention(q, k, backend="reference")
-        s_cpu = api.cls_attention(q, k, backend="cpu")
-        s_ok = torch.allclose(s_ref, s_cpu, **TOL)
-        s_t = timed([lambda: api.cls_attention(q, k, backend="reference"),
-                     lambda: api.cls_attention(q, k, backend="cpu")], args.warmup, args.repeats)
-        score = s_ref
+        score = api.cls_attention(q, k, backend="reference")
+        s_ok, s_check = verify.check("cls_attention", api.cls_attention(q, k, backend="cpu"), q, k,
+                                     None, None)
+        s_t = timed({backend: lambda backend=backend: api.cls_attention(q, k, backend=backend)
+                     for backend in ("reference", "cpu")}, args)
         size = torch.ones(B, N)
 
         rows = []
@@ -200,10 +183,13 @@ def main(argv=None):
                 return api.transform(x, metric, args.r, size=size, score=score, prefix=prefix,
                                      backend=backend, **kwargs)
 
-            ref, cpu = step("reference"), step("cpu")
-            ok, check = compare(ref, cpu)
-            t_ref, t_cpu = timed([lambda: step("reference"), lambda: step("cpu")], args.warmup,
-                                 args.repeats)
+            cpu = step("cpu")
+            ok, check = verify.check("transform", (*cpu[:2], cpu[2].dst, cpu[2].weight),
+                                     *transform_args(x, metric, args.r, size=size, score=score,
+                                                     prefix=prefix, **kwargs))
+            t = timed({backend: lambda backend=backend: step(backend)
+                       for backend in ("reference", "cpu")}, args)
+            t_ref, t_cpu = t["reference"], t["cpu"]
             cos_w, cos_plain = mean_token_cosine(x, size, cpu[0], cpu[1], prefix)
             rows.append({"method": label, "kwargs": kwargs, "r": args.r, "n_in": N,
                          "n_out": cpu[0].shape[1], "agree": ok, "check": check,
@@ -218,15 +204,15 @@ def main(argv=None):
     print(head)
     print("-" * len(head))
     for row in rows:
-        agree = (f"yes (max|dx| {row['check']['max_abs_dx']:.1e})" if row["agree"]
+        agree = (f"yes (max|dx| {row['check']['x_max_diff']:.1e})" if row["agree"]
                  else f"NO {row['check']}")
         print(f"{row['method']:<18} {row['r']:>3} {row['n_in']:>4} -> {row['n_out']:<4} "
               f"{agree:<26} {row['reference']['median_ms']:12.2f} {row['cpu']['median_ms']:8.2f} "
               f"{row['speedup']:7.1f}x {row['cos_mean_token']:14.4f}")
-    print(f"\nscore (tt.cls_attention, [{B}, {N}]): reference {s_t[0]['median_ms']:.2f} ms, "
-          f"C++ {s_t[1]['median_ms']:.2f} ms, agree: {'yes' if s_ok else 'NO'}")
-    print(f"times: median of {args.repeats} calls after {args.warmup} warm-up calls, in "
-          f"alternating blocks; cos(mean tok): mean token (class token excluded) before vs\n"
+    print(f"\nscore (tt.cls_attention, [{B}, {N}]): reference {s_t['reference']['median_ms']:.2f} "
+          f"ms, C++ {s_t['cpu']['median_ms']:.2f} ms, agree: {'yes' if s_ok else 'NO'}")
+    print(f"times: median over turns of {args.repeats} calls after {args.warmup} warm-up calls; "
+          f"cos(mean tok): mean token (class token excluded) before vs\n"
           f"size-weighted mean token after, averaged over images")
 
     report = {
@@ -238,8 +224,8 @@ def main(argv=None):
                    "images": names},
         "machine": machine_info(),
         "n_tokens": N, "channels": C, "capture_ms": capture_ms,
-        "score": {"agree": s_ok, "max_abs_diff": float((s_ref - s_cpu).abs().max()),
-                  "reference": s_t[0], "cpu": s_t[1]},
+        "score": {"agree": s_ok, "check": s_check, "reference": s_t["reference"],
+                  "cpu": s_t["cpu"]},
         "rows": rows,
         "all_agree": s_ok and all(row["agree"] for row in rows),
     }
