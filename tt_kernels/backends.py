@@ -1,10 +1,11 @@
-"""Which implementations exist in this build, which are verified, and which one a call uses."""
+"""Which implementations exist in this build, which are verified, and which one a call uses (the
+kernels themselves are registered in ops.py)."""
 import functools
 
 import torch
 
 from . import reference, triton_kernels, verdicts
-from .ops import GRADIENTS, ops
+from .ops import CPU_OPS, CUDA_CPP_OPS, GRADIENTS, ops
 from .rules import OPS
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -17,33 +18,13 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 GPU_ORDER = {op: ("cuda", "triton") for op in OPS}
 
 
-def _registered(key):
-    return [op for op in OPS if torch._C._dispatch_has_kernel_for_dispatch_key(f"tt::{op}", key)]
-
-
-CUDA_CPP_OPS = tuple(_registered("CUDA"))  # the compiled CUDA kernels, before any Triton below
-
-
-def _register_triton_for_cuda():
-    """CUDA tensors given to a torch.ops.tt op without a compiled CUDA kernel run the Triton one."""
-    if triton_kernels.triton_version() is None:
-        return
-    for op in OPS:
-        if op not in CUDA_CPP_OPS:
-            torch.library.impl(f"tt::{op}", "CUDA")(
-                lambda *args, _op=op, **kwargs: triton_kernels.kernel(_op)(*args, **kwargs))
-
-
-_register_triton_for_cuda()
-
-
 def build_info():
     """What this installation built and will use."""
     cuda_ops = list(CUDA_CPP_OPS)
     return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cpu_ops": _registered("CPU"),
+        "cpu_ops": list(CPU_OPS),
         "cuda_ops": cuda_ops,
         "cuda_compiled": bool(cuda_ops),
         "build_id": verdicts.build_id(),
@@ -73,7 +54,7 @@ def supported(backend):
     if backend == "reference":
         return OPS
     if backend == "cpu":
-        return tuple(_registered("CPU"))
+        return CPU_OPS
     if backend == "cuda":
         return CUDA_CPP_OPS
     return triton_kernels.OPS if triton_kernels.triton_version() else ()

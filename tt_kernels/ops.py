@@ -1,16 +1,41 @@
-"""The one door to the C++ operators ``torch.ops.tt.*``.
+"""The one door to the operators ``torch.ops.tt.*``: every kernel they dispatch to is registered
+here or by what this module loads.
 
 Importing this module loads the compiled library (which registers the CPU and, when built, CUDA
-kernels) and adds what lives in Python: fake kernels, so that ``torch.compile(fullgraph=True)``
-traces through the ops with static shapes, and autograd for ``apply``, ``transform`` (in x) and
+kernels), registers the Triton kernels for CUDA tensors of the ops without a compiled CUDA kernel,
+and adds what lives in Python: fake kernels, so that ``torch.compile(fullgraph=True)`` traces
+through the ops with static shapes, and autograd for ``apply``, ``transform`` (in x) and
 ``untransform`` (in y). The C++ kernels copy non-contiguous inputs to contiguous ones.
 """
 import torch
 
 from . import _C  # noqa: F401  (loading it registers the kernels)
-from . import reference
+from . import reference, triton_kernels
+from .rules import OPS
 
 ops = torch.ops.tt
+
+
+def _registered(key):
+    return tuple(op for op in OPS
+                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"tt::{op}", key))
+
+
+CPU_OPS = _registered("CPU")  # the compiled C++ CPU kernels
+CUDA_CPP_OPS = _registered("CUDA")  # the compiled CUDA kernels, read before Triton's join below
+
+
+def _register_triton_for_cuda():
+    """CUDA tensors given to a torch.ops.tt op without a compiled CUDA kernel run the Triton one."""
+    if triton_kernels.triton_version() is None:
+        return
+    for op in OPS:
+        if op not in CUDA_CPP_OPS:
+            torch.library.impl(f"tt::{op}", "CUDA")(
+                lambda *args, _op=op, **kwargs: triton_kernels.kernel(_op)(*args, **kwargs))
+
+
+_register_triton_for_cuda()
 
 
 def _slots(method, k):
