@@ -10,13 +10,14 @@ Dh = 64) with every token (N0) and about half of them (a reduced block's N, odd)
 bf16 and fp16; q, k, v are views of one qkv tensor as in timm.
 
 Every form is first checked against the float64 spec on the first two images
-(attention.error_bound); then each is timed with CUDA events: `--warmup` calls, then `--repeats`
-spans of `--iters` calls, median per call. The table gives ms and the ratio to "none"; the JSON
+(attention.error_bound); then the forms of a shape are timed in turns (tt_kernels.measure) with
+CUDA events: `--warmup` calls of each, then `--repeats` turns, each timing `--iters` calls of every
+form back to back (L2 warm, as q, k, v come from the projection just before); median per call. The table gives ms and the ratio to "none"; the JSON
 (attention-<card>.json in each --out-dir) also holds the kernel SDPA chose for each form and, per
 dtype, the biased form with the lowest geometric-mean time (the CUDA_AUTO it suggests).
 
     python bench/bench_attention.py [--out-dir bench/results] [--models deit_s] [--batches 256]
-    python bench/bench_attention.py --smoke     # CPU dry run: tiny shapes, time.perf_counter
+    python bench/bench_attention.py --smoke     # CPU dry run: tiny shapes, torch.utils.benchmark
 
 Exits 1 if a form disagrees with the spec or fails (cuDNN's refusal of a shape is recorded, not a
 failure), 2 without a GPU unless --smoke.
@@ -25,17 +26,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_gpu import device_info, slug, versions
-from tt_kernels import attention
-from tt_kernels.machine import git_state
+from tt_kernels import attention, measure
+from tt_kernels.machine import device_info, git_state, slug, versions
 
 MODELS = {  # name: (label, N0, H, Dh)
     "deit_s": ("DeiT-S/16 224", 197, 6, 64),
@@ -122,28 +120,6 @@ def check(form, fn, q, k, v, size):
     return float((error / attention.error_bound(q, k, v, want_size)).max())
 
 
-def time_call(fn, device, args):
-    """Median ms per call over `repeats` spans of `iters` calls, after `warmup` calls."""
-    for _ in range(args.warmup):
-        fn()
-    spans = []
-    for _ in range(args.repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            spans.append(start.elapsed_time(end) / args.iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                fn()
-            spans.append((time.perf_counter() - t0) * 1e3 / args.iters)
-    return statistics.median(spans)
-
-
 def suggest(cases):
     """Per dtype, the form a model can run with the lowest geometric-mean time over the shapes."""
     out = {}
@@ -177,12 +153,14 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")
     info = device_info(device)
+    card = slug(info["name"]) if device.type == "cuda" else "cpu-smoke"
     out_dirs = args.out_dir or ["out/bench" if args.smoke else "bench/results"]
-    paths = [os.path.join(d, f"attention-{slug(info['name'])}.json") for d in out_dirs]
+    paths = [os.path.join(d, f"attention-{card}.json") for d in out_dirs]
+    clock = (measure.EventClock if device.type == "cuda" else measure.CpuClock)(args.iters)
     result = {"device": info, "versions": versions(), "git": git_state(),
-              "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter") +
-                        f": {args.warmup} warm-up calls, median of {args.repeats} spans of "
-                        f"{args.iters} calls, ms per call",
+              "timing": f"{args.warmup} warm-up calls of each form, then {args.repeats} turns "
+                        f"over the forms of a shape (in order, then reversed) of {clock}; median "
+                        f"over the turns, ms per call",
               "cases": [], "complete": False}
     failures = []
     print(f"{'shape':30s} {'B':>4s} {'dtype':5s} " + " ".join(f"{f:>16s}" for f in FORMS))
@@ -193,6 +171,7 @@ def main():
                     q, k, v, size = inputs(B, N, H, head_dim, DTYPES[dtype], device)
                     case = {"model": model, "label": label, "N": N, "H": H, "Dh": head_dim,
                             "B": B, "dtype": dtype, "forms": {}}
+                    calls = {}
                     for form in FORMS:
                         fn = form_call(form, q, k, v, size)
                         if fn is None:
@@ -200,15 +179,19 @@ def main():
                             continue
                         try:
                             ratio = check(form, fn, q, k, v, size)
-                            r = {"error_over_bound": ratio, "ok": ratio <= 1,
-                                 "kernel": chosen_kernel(form, q, k, v, size),
-                                 "ms": time_call(fn, device, args)}
+                            case["forms"][form] = {
+                                "error_over_bound": ratio, "ok": ratio <= 1,
+                                "kernel": chosen_kernel(form, q, k, v, size), "ms": None}
+                            calls[form] = fn
                         except RuntimeError as error:  # cuDNN may have no kernel for a shape
-                            r = {"ms": None, "ok": form == "cudnn",
-                                 "error": str(error).splitlines()[0]}
-                        if not r["ok"]:
+                            case["forms"][form] = {"ms": None, "ok": form == "cudnn",
+                                                   "error": str(error).splitlines()[0]}
+                    times = measure.time_in_turns(calls, args.repeats, clock, args.warmup)
+                    for form, r in case["forms"].items():
+                        if form in times:
+                            r["ms"] = times[form]["median_ms"]
+                        if not r.get("ok", True):
                             failures.append(f"{model} N={N} B={B} {dtype} {form}: {r}")
-                        case["forms"][form] = r
                     none = case["forms"]["none"].get("ms")
                     cells = []
                     for form in FORMS:

@@ -15,7 +15,7 @@ Every kernel is first checked against the reference on the same inputs by tt_ker
 the CPU, for the first and last few images of the batch (dst exactly, except rows whose choice is a
 near tie of the float64 reference: affinities closer than twice their fp32 error bound, which the
 GPU's contracted arithmetic may round either way; the other outputs within bounds from the
-arithmetic), then timed with
+arithmetic), then the backends of each case are timed in turns (tt_kernels.measure) with
 triton.testing.do_bench (L2 flushed before every run; median and 20/80 % quantiles). Reported:
 time, achieved GB/s over the bytes the op must move (formulas in `bytes_moved`), % of the card's
 peak HBM bandwidth (table PEAK_HBM_TBS by device name) and of a measured device copy, and the
@@ -34,10 +34,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -94,8 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="comma-separated batch sizes")
     p.add_argument("--ops", default=None,
                    help="comma-separated subset of transform,match,apply,untransform,cls_attention")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (ms)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (ms)")
+    p.add_argument("--warmup-ms", type=float, default=25.0,
+                   help="do_bench warm-up (ms) of each backend, split over the turns")
+    p.add_argument("--rep-ms", type=float, default=100.0,
+                   help="do_bench repetition time (ms) of each backend, split over the turns")
     p.add_argument("--smoke-repeats", type=int, default=3, help="timed calls per case in --smoke")
     p.add_argument("--peak-gbs", type=float, default=None,
                    help="peak HBM bandwidth in GB/s for a card missing from the table")
@@ -115,27 +114,18 @@ if ARGS.smoke:
 import torch  # noqa: E402
 
 import tt_kernels  # noqa: E402
-from tt_kernels import backends, reference, verify  # noqa: E402
+from tt_kernels import backends, measure, reference, verify  # noqa: E402
 from tt_kernels import triton_kernels  # noqa: E402
-from tt_kernels.machine import git_state  # noqa: E402
+from tt_kernels.machine import device_info, git_state, slug, versions  # noqa: E402
 from tt_kernels.rules import OPS  # noqa: E402
+
+# On a GPU each case's backends take turns, do_bench's time split over them: A B C, then C B A
+# gives every backend the same mean place; each more turn would cost do_bench's fixed calls
+# (its first, five to estimate, at least one warm-up) again, much for the slow reference.
+TURNS = 2
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def nvidia_smi():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                              "clocks.max.sm,clocks.max.mem,power.limit", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-        return out or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def peak_bandwidth(name, override_gbs):
@@ -149,37 +139,14 @@ def peak_bandwidth(name, override_gbs):
     return None, "unknown card"
 
 
-def versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "torch_cuda": torch.version.cuda, "triton": triton_kernels.triton_version(),
-         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    try:
-        import timm
-        v["timm"] = timm.__version__
-    except ImportError:
-        v["timm"] = None
-    try:
-        out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
-                             timeout=20).stdout
-        v["nvcc"] = next((line.strip() for line in out.splitlines() if "release" in line), None)
-    except (OSError, subprocess.SubprocessError):
-        v["nvcc"] = None
-    return v
-
-
-def device_info(device):
+def device_facts(device):
+    """tt_kernels.machine.device_info and the card's peak HBM bandwidth."""
+    info = device_info(device)
     if device.type != "cuda":
-        return {"name": "cpu (smoke)", "cpu": platform.processor() or platform.machine(),
-                "peak_hbm_gbs": None, "peak_source": "smoke: no HBM"}
-    p = torch.cuda.get_device_properties(device)
-    info = {"name": p.name, "capability": f"{p.major}.{p.minor}",
-            "sm_count": p.multi_processor_count,
-            "total_memory_gib": round(p.total_memory / 2**30, 2),
-            "l2_cache_mib": round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None,
-            "nvidia_smi": nvidia_smi()}
-    info["peak_hbm_gbs"], info["peak_source"] = peak_bandwidth(p.name, ARGS.peak_gbs)
+        return dict(info, peak_hbm_gbs=None, peak_source="smoke: no HBM")
+    info["peak_hbm_gbs"], info["peak_source"] = peak_bandwidth(info["name"], ARGS.peak_gbs)
     if info["peak_hbm_gbs"] is None:
-        print(f"WARNING: no peak bandwidth known for {p.name!r}; % of peak is left out "
+        print(f"WARNING: no peak bandwidth known for {info['name']!r}; % of peak is left out "
               f"(give --peak-gbs)", file=sys.stderr)
     return info
 
@@ -188,29 +155,19 @@ def device_info(device):
 
 
 def make_timer(device):
-    """timer(fn) -> {median_ms, p20_ms, p80_ms, method}."""
+    """(turns, clock) of tt_kernels.measure: on a GPU TURNS turns of do_bench, --warmup-ms and
+    --rep-ms split over them; in --smoke one turn of --smoke-repeats calls (the interpreter is
+    slow, and its times mean nothing)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        return TURNS, measure.DoBenchClock(ARGS.warmup_ms / TURNS, ARGS.rep_ms / TURNS)
+    return 1, measure.CpuClock(max(ARGS.smoke_repeats, 1))
 
-        def timer(fn):
-            med, p20, p80 = do_bench(fn, warmup=ARGS.warmup_ms, rep=ARGS.rep_ms,
-                                     quantiles=[0.5, 0.2, 0.8])
-            return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-        timer.method = (f"triton.testing.do_bench(warmup={ARGS.warmup_ms} ms, rep={ARGS.rep_ms} ms, "
-                        "quantiles=[0.5, 0.2, 0.8]); CUDA events around each call, L2 flushed "
-                        "before each; host-side launch cost included")
-        return timer
 
-    def timer(fn):
-        times = []  # the check call (or the first repeat, for the reference) warmed it up
-        for _ in range(max(ARGS.smoke_repeats, 1)):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        cuts = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-        return {"median_ms": statistics.median(times), "p20_ms": cuts[0], "p80_ms": cuts[-1]}
-    timer.method = f"time.perf_counter, {ARGS.smoke_repeats} calls (smoke)"
-    return timer
+def timed(calls, timer):
+    """{name: {median_ms, p20_ms, p80_ms}} of the zero-argument calls, timed in turns."""
+    turns, clock = timer
+    return {name: {key: t[key] for key in ("median_ms", "p20_ms", "p80_ms")}
+            for name, t in measure.time_in_turns(calls, turns, clock).items()}
 
 
 def copy_bandwidth(device, timer):
@@ -220,28 +177,12 @@ def copy_bandwidth(device, timer):
         return None
     src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
+    t = timed({"copy": lambda: dst.copy_(src)}, timer)["copy"]
     del src, dst
     return 2 * 2**30 / (t["median_ms"] * 1e-3) / 1e9
 
 
 # ----------------------------------------------------------------------------- inputs and bytes
-
-
-def make_inputs(B, N, C, D, H, device, dtype, seed=0):
-    """Tokens in a mid-network state: sizes 1..4, keys with a shared per-image direction (as real
-    attention keys have, so cosines are mostly positive), metric = keys averaged over heads."""
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, generator=g)
-
-    x = randn(B, N, C).to(dtype)
-    q = randn(B, H, N, D).to(dtype)
-    k = (randn(B, H, N, D) + 1.5 * randn(B, 1, 1, D)).to(dtype)
-    size = torch.randint(1, 5, (B, N), device=device, generator=g).float()
-    metric = k.mean(1)
-    return dict(x=x, q=q, k=k, size=size, metric=metric)
 
 
 def bytes_moved(op, B, N, C, D, H, K, r, ex, em, score=False, size_read=False):
@@ -354,24 +295,31 @@ def sync(device):
 
 def run_case(case, device, timer, peak_gbs, copy_gbs):
     op, args = case["op"], case["args"]
-    results = {}
+    results, calls = {}, {}
     for backend, fn in implementations(op, device).items():
         res = results[backend] = {}
         if isinstance(fn, Exception):
             res["error"] = f"unavailable: {fn}"
             continue
-        try:
+        try:  # a first call, untimed: it compiles (Triton), and its output is checked
+            out = fn(*args)
+            sync(device)
             if backend != "reference" and not ARGS.no_check:
-                out = fn(*args)
-                sync(device)
                 ok, details = check(op, out, args)
                 res["check"] = {"ok": ok, **details}
-                del out
-            res.update(timer(lambda: fn(*args)))
+            del out
+            calls[backend] = lambda fn=fn: fn(*args)
         except Exception as e:  # a kernel that fails is recorded, the run goes on
-            res["error"] = f"{type(e).__name__}: {e}"
-            res["traceback"] = traceback.format_exc(limit=6)
-            res.setdefault("check", {"ok": False})
+            failed(res, e)
+    try:
+        for backend, t in timed(calls, timer).items():
+            results[backend].update(t)
+    except Exception as e:  # recorded for every backend timed in the same turns
+        for backend in calls:
+            failed(results[backend], e)
+    for backend in calls:
+        res = results[backend]
+        if "median_ms" not in res:
             continue
         ms = res["median_ms"]
         res["gbs"] = case["bytes"] / (ms * 1e-3) / 1e9
@@ -387,6 +335,12 @@ def run_case(case, device, timer, peak_gbs, copy_gbs):
 # ----------------------------------------------------------------------------- reduction step
 
 
+def failed(res, e):
+    res["error"] = f"{type(e).__name__}: {e}"
+    res["traceback"] = traceback.format_exc(limit=6)
+    res.setdefault("check", {"ok": False})
+
+
 def reduction_step(records, device, dtype, timer, model, B):
     """tt.transform (the whole reduction step) against one timm DeiT-S block's forward."""
     out = {"model": "deit_small_patch16_224", "block": "model.blocks[0]", "B": B,
@@ -398,17 +352,16 @@ def reduction_step(records, device, dtype, timer, model, B):
         net = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=0)
         block = net.blocks[0].to(device=device, dtype=dtype).eval()
         tokens = torch.randn(B, 197, 384, device=device).to(dtype)
+        _, N, _, D, H, _ = (MODELS | SMOKE_MODELS)[model]
+        k = torch.randn(B, H, N, D, device=device).to(dtype)
         with torch.no_grad():
-            block_t = timer(lambda: block(tokens))
-        out["block_ms"] = block_t
-        del net, block, tokens
+            t = timed({"block": lambda: block(tokens), "metric": lambda: k.mean(1)}, timer)
+        out["block_ms"], out["metric_ms"] = t["block"], t["metric"]["median_ms"]
+        del net, block, tokens, k
     except Exception as e:
         out["error"] = f"block timing failed: {type(e).__name__}: {e}"
         return out
-    _, N, _, D, H, _ = (MODELS | SMOKE_MODELS)[model]
-    k = torch.randn(B, H, N, D, device=device).to(dtype)
-    out["metric_ms"] = timer(lambda: k.mean(1))["median_ms"]
-    blk = block_t["median_ms"]
+    blk = out["block_ms"]["median_ms"]
     steps = {}
     for rec in records:
         if rec["model"] == model and rec["B"] == B and rec["op"] == "transform":
@@ -547,7 +500,7 @@ def main():
         list(SMOKE_BATCHES if smoke else BATCHES)
     ops = ARGS.ops.split(",") if ARGS.ops else list(OPS)
 
-    dev = device_info(device)
+    dev = device_facts(device)
     default_name = "gpu-smoke.json" if smoke else f"gpu-{slug(dev['name'])}.json"
     paths = [Path(p) for p in ARGS.out or ()] + [Path(d) / default_name for d in ARGS.out_dir or ()]
     if not paths:
@@ -564,7 +517,9 @@ def main():
         "versions": versions(),
         "build": tt_kernels.build_info(),
         "git": git_state(),
-        "timing": {"method": timer.method, "quantiles": "median, p20, p80"},
+        "timing": {"method": f"{timer[0]} turns (tt_kernels.measure.time_in_turns; the "
+                             f"backends of a case in turn, in order then reversed) of "
+                             f"{timer[1]}", "quantiles": "median, p20, p80"},
         "checks_method": "each kernel's output, before timing, by tt_kernels.verify.check against "
                          "the reference on the CPU, for the first and last "
                          f"{CHECK_IMAGES} images of each batch: dst exactly except rows whose "
@@ -598,7 +553,8 @@ def main():
                     print(f"[{model} B={B}: skipped, --time-budget {ARGS.time_budget:g} s]")
                     continue
                 try:
-                    inp = make_inputs(B, N, C, D, H, device, dtype)
+                    inp = measure.vit_tokens(B, N, C, D, dtype=dtype, heads=H, head_dim=D,
+                                             device=device)
                     cases = build_cases(model, B, inp, dtype, ops)
                 except Exception as e:
                     doc["errors"].append(f"{model} B={B} inputs: {type(e).__name__}: {e}")

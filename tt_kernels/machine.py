@@ -1,6 +1,8 @@
-"""What a measurement ran on, recorded beside every benchmark and evaluation result."""
+"""What a measurement ran on, recorded beside every benchmark and evaluation result: the machine,
+the device and the versions, written once for bench/, the demo and the evaluation."""
 import os
 import platform
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -50,3 +52,52 @@ def machine_info():
         "tt_kernels_build": build_info(),
         "git": git_state(),
     }
+
+
+def slug(text):
+    """`text` as part of a file name: lower-case letters and digits, runs of others one hyphen."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def nvidia_smi():
+    """nvidia-smi's line on each GPU (name, driver, memory, max clocks, power limit), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,clocks.max.mem,power.limit", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_info(device):
+    """The device a benchmark runs on: a CUDA GPU's properties, or the CPU's model and threads."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"type": "cpu", "name": cpu_model(), "threads": torch.get_num_threads()}
+    p = torch.cuda.get_device_properties(device)
+    return {"type": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}",
+            "sm_count": p.multi_processor_count,
+            "total_memory_gib": round(p.total_memory / 2**30, 2),
+            "l2_cache_mib": round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "nvidia_smi": nvidia_smi()}
+
+
+def versions():
+    """Versions of the stack a benchmark ran with (None for what is missing)."""
+    from .triton_kernels import triton_version
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "torch_cuda": torch.version.cuda, "triton": triton_version(),
+         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    try:
+        import timm
+        v["timm"] = timm.__version__
+    except ImportError:
+        v["timm"] = None
+    try:
+        out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True,
+                             timeout=20).stdout
+        v["nvcc"] = next((line.strip() for line in out.splitlines() if "release" in line), None)
+    except (OSError, subprocess.SubprocessError):
+        v["nvcc"] = None
+    return v

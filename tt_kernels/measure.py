@@ -84,8 +84,8 @@ class CpuClock:
         return [timer.timeit(self.number).median * 1e3]
 
     def __str__(self):
-        return (f"torch.utils.benchmark.Timer.timeit({self.number}) per turn, after its 2 discarded "
-                f"calls, {torch.get_num_threads()} threads")
+        return (f"torch.utils.benchmark.Timer.timeit({self.number}) per turn, after its 2 "
+                f"discarded calls, {torch.get_num_threads()} threads")
 
 
 def cpu_turns(repeats, turns=5):
@@ -115,7 +115,7 @@ class DoBenchClock:
 class EventClock:
     """ms per call of `number` calls back to back between two CUDA events, one sample a turn; with
     `fill_ms`, as many calls as fill it (at most `max_number`), from one timed call the first time
-    a candidate is seen. `calls` holds each candidate's calls per turn."""
+    a candidate is seen, kept in `calls` (candidate -> calls per turn)."""
 
     def __init__(self, number=1, fill_ms=None, max_number=50):
         self.number, self.fill_ms, self.max_number = number, fill_ms, max_number
@@ -133,9 +133,11 @@ class EventClock:
         return start.elapsed_time(end)
 
     def __call__(self, fn):
+        if self.fill_ms is None:
+            return [self._span_ms(fn, self.number) / self.number]
         if fn not in self.calls:
-            self.calls[fn] = self.number if self.fill_ms is None else max(1, min(
-                self.max_number, math.ceil(self.fill_ms / max(self._span_ms(fn, 1), 1e-3))))
+            self.calls[fn] = max(1, min(self.max_number, math.ceil(
+                self.fill_ms / max(self._span_ms(fn, 1), 1e-3))))
         return [self._span_ms(fn, self.calls[fn]) / self.calls[fn]]
 
     def __str__(self):
