@@ -25,9 +25,10 @@ checked against the patched model's own token_reduction.schedule and schedule_fl
     python bench/bench_model.py --device cuda --dtype bf16 --batch 1,64,256 --compile \\
         --models deit_small_patch16_224,deit_base_patch16_224,vit_small_patch14_dinov2
 
-Timing: on the CPU tt_kernels.evaluate.interleaved_seconds (perf_counter per forward); on CUDA,
-CUDA events around a few forwards per turn (enough for ~10 ms), synchronised, L2 not flushed (a
-served model's weights stay warm too). Inputs are random normal images. Writes one JSON per model
+Timing: tt_kernels.measure.time_forwards, the rows in turns: on the CPU one forward a turn
+(torch.utils.benchmark's Timer, after the two forwards it discards); on CUDA, CUDA events around a
+few forwards per turn (enough for ~10 ms), synchronised, L2 not flushed (a served model's weights
+stay warm too). Inputs are random normal images. Writes one JSON per model
 to each --out-dir (default bench/results/): model-<card>-<model>-<dtype>[-amp][-compile].json on
 a GPU (card from torch.cuda.get_device_name, slugged), model-<model>-<cpu>-<cores>c.json on the
 CPU.
@@ -37,8 +38,6 @@ import copy
 import json
 import math
 import os
-import re
-import statistics
 import time
 import types
 from pathlib import Path
@@ -48,8 +47,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import tt_kernels
-from tt_kernels.evaluate import interleaved_seconds
-from tt_kernels.machine import machine_info
+from tt_kernels import measure
+from tt_kernels.machine import device_info, machine_info, slug, versions
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,8 +56,6 @@ DEFAULTS = {  # per device: batches, repeats, warm-up forwards (CUDA graphs reco
     "cpu": dict(batch="1,16", repeats=7, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, warmup=3),
 }
-MEASURE_MS = 10.0  # CUDA: forwards per timed turn enough to fill this, so launch jitter is small
-MAX_ITERS = 50
 BASELINE = "timm eager"
 
 
@@ -210,35 +207,6 @@ def _error(exc):
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
-# ----------------------------------------------------------------------------- timing
-
-def _event_ms(fn, x, n):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn(x)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
-@torch.inference_mode()
-def cuda_interleaved_seconds(fns, x, repeats, warmup):
-    """Median seconds per forward of each callable, timed in turns with CUDA events; each turn
-    runs as many forwards as fill MEASURE_MS (by one timed forward after the warm-up)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn(x)
-    iters = {name: max(1, min(MAX_ITERS, math.ceil(MEASURE_MS / max(_event_ms(fn, x, 1), 1e-3))))
-             for name, fn in fns.items()}
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_event_ms(fn, x, iters[name]) / iters[name] / 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}, iters
-
-
 # ----------------------------------------------------------------------------- one case
 
 def compiled_name(name):
@@ -313,14 +281,12 @@ def run_case(eager, base, n0, args, batch, log, deadline):
     default_schedule = results.get("tt_kernels default", {}).get("schedule")
     if None not in (bound_schedule, default_schedule) and bound_schedule != default_schedule:
         raise RuntimeError(f"the bound ran {bound_schedule}, the default {default_schedule}")
-    if device.type == "cuda":
-        seconds, iters = cuda_interleaved_seconds(fns, x, args.repeats, args.warmup)
-    else:
-        seconds, iters = interleaved_seconds(fns, x, args.repeats, args.warmup), None
+    times = measure.time_forwards(fns, x, args.repeats, args.warmup)
+    seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
         results[name].update(ms=s * 1e3, images_per_s=batch / s)
-        if iters:
-            results[name]["forwards_per_turn"] = iters[name]
+        if device.type == "cuda":
+            results[name]["forwards_per_turn"] = times[name]["calls_per_turn"]
     for name, row in results.items():
         if "ms" not in row:
             continue
@@ -346,20 +312,6 @@ def _bound_of(name):
 
 # ----------------------------------------------------------------------------- output
 
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def device_info(device):
-    if device.type != "cuda":
-        return {"type": "cpu", "threads": torch.get_num_threads()}
-    p = torch.cuda.get_device_properties(device)
-    return {"type": "cuda", "name": torch.cuda.get_device_name(device),
-            "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
-            "memory_gib": round(p.total_memory / 2**30, 1),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
-
-
 def tt_backends(backend, device):
     """The backend each op of the patched rows resolves to (or why none can run)."""
     resolved = {}
@@ -369,17 +321,6 @@ def tt_backends(backend, device):
         except ValueError as exc:
             resolved[op] = _error(exc)
     return resolved
-
-
-def versions():
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "timm": timm.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
 def file_name(model_name, args, info):
@@ -518,7 +459,8 @@ def main(argv=None):
                   "tt_kernels_backend": tt_backends(args.backend, args.device),
                   "warmup": args.warmup,
                   "timing": "CUDA events, median of interleaved turns" if
-                  args.device.type == "cuda" else "perf_counter, median of interleaved turns",
+                  args.device.type == "cuda" else
+                  "torch.utils.benchmark.Timer, median of interleaved turns",
                   "machine": info, "cases": []}
         paths = [d / file_name(model_name, args, info) for d in out_dirs]
         for batch in args.batches:

@@ -22,15 +22,15 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from . import api, data
 from .flops import vit_flops
+from .machine import cpu_model
+from .measure import time_forwards
 from .patch import patch
 from .visualize import save_token_maps
 
@@ -71,29 +71,6 @@ def run_features(model, images, batch):
         pooled.append(model.forward_head(tokens, pre_logits=True))
         grid.append(full[:, prefix:])
     return torch.cat(pooled), torch.cat(grid)
-
-
-@torch.inference_mode()
-def interleaved_seconds(models, x, repeats=5, warmup=2):
-    """Median seconds per forward of each model, timed in turns so that drift hits all alike. On
-    CUDA the clock is read after synchronizing on both sides of each forward: it times the kernels,
-    not their launches."""
-    def sync():
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-
-    for model in models.values():
-        for _ in range(warmup):
-            model(x)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def linear_probe(train_x, train_y, test_x, test_y, steps=200):
@@ -326,7 +303,7 @@ def job(args, rank, world):
     model.to(args.device)
     if decoder is not None:
         decoder.to(args.device)
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
              else f"{torch.get_num_threads()} threads on {cpu}")
     if rank == 0:
@@ -375,7 +352,8 @@ def job(args, rank, world):
         print("timing every configuration in turns ...")
         x = images[torch.arange(args.speed_batch) % len(images)].to(args.device)
         with precision(args.device, DTYPES[args.dtype]):
-            seconds = interleaved_seconds(models, x, args.repeats)
+            seconds = {key: t["median_ms"] / 1e3
+                       for key, t in time_forwards(models, x, args.repeats).items()}
         for row in rows:
             row["images_per_s"] = args.speed_batch / seconds[(row["method"], row["budget"])]
             row["speedup"] = seconds[("unreduced", 1.0)] / seconds[(row["method"], row["budget"])]

@@ -20,6 +20,7 @@ candidates is the ratio of their medians. A clock times one candidate in one tur
                 calls, whose q, k, v the projection has just written; both counted in calls, not
                 in do_bench's milliseconds.
 """
+import functools
 import math
 import statistics
 
@@ -171,3 +172,16 @@ def time_in_turns(calls, turns, clock, warmup=0):
         for name in names if turn % 2 == 0 else reversed(names):
             samples[name] += clock(calls[name])
     return {name: summary(times) for name, times in samples.items()}
+
+
+@torch.inference_mode()
+def time_forwards(models, x, turns, warmup=2, fill_ms=10.0, max_number=50):
+    """{name: summary(...) and "calls_per_turn"} of each model(x) ({name: model}), timed in turns:
+    on CUDA an EventClock with as many forwards a turn as fill `fill_ms` (launch jitter small beside
+    them), on the CPU one forward a turn (CpuClock)."""
+    calls = {name: functools.partial(model, x) for name, model in models.items()}
+    clock = EventClock(fill_ms=fill_ms, max_number=max_number) if x.is_cuda else CpuClock()
+    times = time_in_turns(calls, turns, clock, warmup)
+    for name, fn in calls.items():
+        times[name]["calls_per_turn"] = clock.calls[fn] if x.is_cuda else clock.number
+    return times
