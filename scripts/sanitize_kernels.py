@@ -75,6 +75,7 @@ if not GPU:
 
 import tt_kernels  # noqa: E402
 from tt_kernels import backends, reference, verify  # noqa: E402
+from tt_kernels.measure import vit_tokens  # noqa: E402
 from tt_kernels.triton_kernels import kernel  # noqa: E402
 
 DEVICE = torch.device("cuda" if GPU else "cpu")
@@ -95,17 +96,6 @@ SHAPES = [(2, 17, 40, 16, 2, 1, torch.float32), (1, 70, 24, 16, 3, 2, torch.floa
           (2, 197, 96, 24, 3, 1, torch.bfloat16)]
 # One image at ViT-L/16 384 px tokens, fp32 metric: transform.cu's chunked shared-memory plan.
 LARGE = (1, 577, 64, 64, 2, 1, torch.float32)
-
-
-def inputs(B, N, C, D, H, dtype, seed):
-    """CPU tensors; the score is the reference's class attention (computed here, on the CPU)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, C, generator=g)
-    k = torch.randn(B, H, N, D, generator=g) + 1.5 * torch.randn(B, 1, 1, D, generator=g)
-    q = torch.randn(B, H, N, D, generator=g)
-    size = torch.randint(1, 5, (B, N), generator=g).float()
-    return dict(x=x.to(dtype), q=q.to(dtype), k=k.to(dtype), metric=k.mean(1).to(dtype),
-                size=size, score=reference.cls_attention(q, k, size))
 
 
 def on_device(args):
@@ -159,7 +149,7 @@ def max_r(method, n, prefix, alpha):
 def run_steps(runner, shape, constructions, r_kinds):
     """match and transform on one shape, for each construction and r."""
     B, N, C, D, H, prefix, dtype = shape
-    t = inputs(B, N, C, D, H, dtype, seed=N)
+    t = vit_tokens(B, N, C, D, dtype=dtype, seed=N, heads=H, head_dim=D)  # on the CPU
     tag = f"B={B} N={N} C={C} D={D} {str(dtype).replace('torch.', '')}"
     for method, k, alpha, targets, cost, mode in constructions:
         top = max_r(method, N, prefix, alpha)
