@@ -47,3 +47,36 @@ def test_tokens_with_heads_add_q_and_k_after_the_rest():
     assert t["q"].shape == t["k"].shape == (2, 3, 17, 4) and t["k"].dtype == torch.bfloat16
     assert torch.equal(t["metric"], plain["metric"].bfloat16())
     assert torch.equal(t["size"], plain["size"]) and torch.equal(t["score"], plain["score"])
+
+
+def test_event_clock_fills_its_time_with_calls(monkeypatch):
+    """EventClock's arithmetic on a fake CUDA clock: each call takes 3 ms."""
+    now = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = now[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        now[0] += 3.0
+
+    fill = measure.EventClock(fill_ms=10.0)
+    assert fill(fn) == [3.0] and fill.calls == {fn: 4}  # 4 calls fill 10 ms: ceil(10 / 3)
+    assert len(calls) == 1 + 4 and fill(fn) == [3.0] and len(calls) == 1 + 2 * 4
+    assert measure.EventClock(fill_ms=1000.0, max_number=7)(fn) == [3.0] and len(calls) == 9 + 1 + 7
+    fixed = measure.EventClock(number=2)
+    assert fixed(fn) == [3.0] and fixed.calls == {} and len(calls) == 17 + 2
