@@ -4,8 +4,9 @@ a ViT block's tokens, and timing in turns. (What a measurement ran on: tt_kernel
 Timing in turns. The candidates (backends of one op, rows of a model benchmark, forms of attention)
 are timed in the same process, turn after turn, each turn timing every candidate once (in order,
 then in reverse order: A B, B A, ...), so that a change of load on a shared machine, or of clock on
-a GPU, hits all of them alike. A candidate's time is the median over its turns; a ratio of two
-candidates is the ratio of their medians. A clock times one candidate in one turn:
+a GPU, hits all of them alike. A candidate's time is the median of what its clock measured over
+the turns (a sample a turn; do_bench's: one a call); a ratio of two candidates is the ratio of their
+medians. A clock times one candidate in one turn:
 
   CpuClock      torch.utils.benchmark.Timer.timeit: wall time of `number` calls after the two that
                 Timer runs first and discards, so each turn opens on caches of its own and no
