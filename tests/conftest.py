@@ -1,4 +1,5 @@
-"""Shared helpers of the tt_kernels tests: inputs that look like ViT tokens, and tolerances."""
+"""Shared helpers of the tt_kernels tests: the backends under test (the `tt` fixture), inputs that
+look like ViT tokens, and tolerances."""
 import atexit
 import functools
 import os
@@ -11,12 +12,13 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors through the interpreter, which must be on
-# before any @triton.jit module is imported (tests/test_triton.py relies on it).
+# before any @triton.jit module is imported (the `tt` fixture's "triton" backend relies on it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tt_kernels
 from tt_kernels.ops import ops
+from tt_kernels.rules import OPS
 from tt_kernels.verify import (U32, apply_magnitude, cls_attention_tol, cosine_error,  # noqa: F401
                                sum_tol, unit_roundoff, weight_tol, x_tol)
 
@@ -24,8 +26,9 @@ from tt_kernels.verify import (U32, apply_magnitude, cls_attention_tol, cosine_e
 # run selects them (`pytest -m gpu`, scripts/gpu_check.sh) and leaves the rest (CPU kernels, the
 # host build of the CUDA code, ptxas, argument checks) to CI, which runs every test without a GPU,
 # these included (they skip there or run on CPU tensors). Three ways a test runs on CUDA:
-GPU_PARAMS = {"tt": "cuda", "device": "cuda"}  # a parameter (or parametrized fixture) of this value
-GPU_MODULES = {"test_triton.py", "test_cuda_stream.py"}  # every test: tensors on the module's DEVICE
+GPU_PARAMS = {"tt": {"cuda", "triton"}, "device": {"cuda"}}  # a parameter (or parametrized
+# fixture) of one of these values
+GPU_MODULES = {"test_cuda_stream.py"}  # every test: tensors on the module's DEVICE
 GPU_TESTS = {"test_api.py": {"test_triton_backend_has_the_gradients_of_the_ops"},
              "test_bad_input.py": {"test_op_rejects_device_mix"}}
 
@@ -34,9 +37,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on a CUDA device when one is present (the GPU "
                                        "run's selection: pytest -m gpu)")
     config.addinivalue_line("markers", "slow: compiles for long (Triton kernels at N >= 577)")
+    config.addinivalue_line("markers", "triton: runs the Triton kernels as the `tt` backend")
+    config.addinivalue_line("markers", "interpreted: a case the `tt` fixture's Triton backend also "
+                                       "runs without a GPU, in the slow interpreter (the others "
+                                       "are deselected there)")
 
 
 def pytest_collection_modifyitems(config, items):
+    interpreter_skips = []
     for item in items:
         module = item.path.name
         params = getattr(getattr(item, "callspec", None), "params", {})
@@ -46,8 +54,16 @@ def pytest_collection_modifyitems(config, items):
                 raise pytest.UsageError(f"tests/conftest.py GPU_TESTS names {module}::{name}, "
                                         f"which does not exist")
         if module in GPU_MODULES or item.originalname in named or any(
-                params.get(name) == value for name, value in GPU_PARAMS.items()):
+                params.get(name) in values for name, values in GPU_PARAMS.items()):
             item.add_marker(pytest.mark.gpu)
+        if params.get("tt") == "triton":
+            item.add_marker(pytest.mark.triton)
+            if not torch.cuda.is_available() and item.get_closest_marker("interpreted") is None:
+                interpreter_skips.append(item)
+    if interpreter_skips:
+        config.hook.pytest_deselected(items=interpreter_skips)
+        left_out = set(map(id, interpreter_skips))
+        items[:] = [item for item in items if id(item) not in left_out]
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -188,3 +204,58 @@ def host_ops(rows=32, stage=True, packed=True, threads=0, key_parts=0):
 
     return SimpleNamespace(match=match, transform=transform, apply=apply, untransform=untransform,
                            cls_attention=cls_attention)
+
+
+# --- the backends under test -----------------------------------------------------------------
+# The `tt` fixture: every backend with torch.ops.tt's signatures, called on the same CPU inputs.
+#   cpu                 the C++ CPU kernels
+#   cuda                the CUDA kernels, on a GPU (skipped without one)
+#   triton              the Triton kernels: on a GPU, or else interpreted on CPU tensors, which is
+#                       slow: there it runs only the cases marked `interpreted`
+#   cuda-on-host[-...]  the CUDA kernels' per-image code (csrc/cuda/*_image.cuh) run on the CPU by
+#                       tests/cuda_on_host, under each plan a launch may choose: affinity rows per
+#                       chunk (and output rows per block of apply/untransform), metric staged in
+#                       shared memory or read in place, 16-byte packs or element by element; and
+#                       either serially or by a block of 64 host threads with CUDA's semantics.
+
+# (rows per chunk or block, metric staged, 16-byte packs, threads: 0 serial, else a block of host
+# threads with 32-lane warps, removal keys from that many blocks an image first: 0 none) of each
+# host run of the CUDA code.
+HOST_PLANS = {"cuda-on-host": (32, True, True, 0, 0), "cuda-on-host-rows3": (3, False, False, 0, 0),
+              "cuda-on-host-rows1": (1, True, True, 0, 0),
+              "cuda-on-host-threads": (8, True, True, 64, 0),
+              "cuda-on-host-keys3": (8, True, True, 64, 3)}
+BACKENDS = ["cpu", "cuda", "triton", *HOST_PLANS]
+
+
+def _to_cuda(v):
+    return v.cuda() if isinstance(v, torch.Tensor) else v
+
+
+def _on_cuda(fn):
+    """fn on CUDA copies of its tensor arguments, with its outputs back on the CPU."""
+    def run(*args, **kwargs):
+        out = fn(*map(_to_cuda, args), **{k: _to_cuda(v) for k, v in kwargs.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return run
+
+
+@pytest.fixture(params=BACKENDS)
+def tt(request):
+    """The backend under test, with torch.ops.tt's signatures."""
+    if request.param == "cpu":
+        return ops
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        return SimpleNamespace(**{op: _on_cuda(getattr(ops, op)) for op in OPS})
+    if request.param == "triton":
+        triton = tt_kernels.triton_kernels
+        if triton.triton_version() is None:
+            pytest.skip("needs Triton")
+        if torch.cuda.is_available():
+            return SimpleNamespace(**{op: _on_cuda(triton.kernel(op)) for op in OPS})
+        if not triton.interpreted():
+            pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+        return SimpleNamespace(**{op: triton.kernel(op) for op in OPS})
+    return host_ops(*HOST_PLANS[request.param])

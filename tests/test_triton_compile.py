@@ -1,8 +1,8 @@
 """Every Triton kernel compiles for a real GPU, checked on the CPU: sm_90 (H100/H200) code from
 triton.compile with an explicit target; ptxas ships with triton, no GPU is needed. The
-interpreter that runs the kernels without a GPU (tests/test_triton.py) never compiles them, so it
-cannot see what only the compiler refuses (a non-constexpr global read in @jit code) or what only
-the GPU limits (shared memory per block).
+interpreter that runs the kernels without a GPU (the triton backend of tests/test_<op>.py) never
+compiles them, so it cannot see what only the compiler refuses (a non-constexpr global read in
+@jit code) or what only the GPU limits (shared memory per block).
 
 Each case calls the public launcher (tt_kernels.triton_kernels) on CPU tensors with the kernels
 replaced by recorders, so what compiles is exactly what a GPU run would launch: the same
