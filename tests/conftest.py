@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tt_kernels
+from tt_kernels.measure import vit_tokens
 from tt_kernels.ops import ops
 from tt_kernels.rules import OPS
 from tt_kernels.verify import (U32, apply_magnitude, cls_attention_tol, cosine_error,  # noqa: F401
@@ -88,34 +89,9 @@ def r_for(kind, method, n, prefix, alpha=0.0):
     return min(kind, r_max) if kind != "max" else r_max
 
 
-def make_tokens(B, N, C=24, D=16, dtype=torch.float32, seed=0, duplicates=False, unit_size=False):
-    """x [B, N, C] and metric [B, N, D] in `dtype`, fp32 size [B, N] and score [B, N].
-
-    The metric has a shared component (as attention keys do), so similarities are mostly positive
-    and close; the score is a softmax over tokens, as the class attention is. With `duplicates`,
-    several groups of tokens get exactly the same metric row and score, so that selections and
-    top-k choices meet exact ties (which must go to the lower index) whatever the rounding.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, N, C, generator=g)
-    metric = torch.randn(B, N, D, generator=g) + 1.5 * torch.randn(B, 1, D, generator=g)
-    score = (2 * torch.randn(B, N, generator=g)).softmax(-1)
-    if unit_size:
-        size = torch.ones(B, N)
-    else:
-        size = torch.randint(1, 5, (B, N), generator=g).float()
-    if duplicates and N > 8:
-        # Each group's shared row has entries +-2^-3 (D = 16): its normalised entries, their
-        # products and any sum of them are exact, so the cosine of two members is exactly 1 in
-        # every summation order, and ties across groups stay exact in kernels that round
-        # differently from the reference.
-        assert D == 16, "duplicate rows assume D = 16"
-        for group, start in enumerate(range(2, N - 6, max(N // 4, 7))):
-            rows = [start, start + 1, start + 3, start + 6][: 2 + group % 3]
-            signs = torch.randint(0, 2, (B, 1, D), generator=g).float() * 2 - 1
-            metric[:, rows] = signs / 8
-            score[:, rows] = score[:, rows[:1]]
-    return dict(x=x.to(dtype), size=size, metric=metric.to(dtype), score=score)
+# x, metric, size, score that look like ViT tokens (with exact duplicates on request): written once,
+# for the tests, the benchmarks and the self-test alike.
+make_tokens = vit_tokens
 
 
 def non_contiguous(t, kind="sliced"):
