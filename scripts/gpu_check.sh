@@ -24,7 +24,7 @@
 #   build      70 s   nvcc for one arch: transform.cu 35 cpu-s, apply.cu 26, cls_attention.cu 25;
 #                     each C++ file ~11 (g++ -O3); ~150 cpu-s in all, but 16 jobs compile every
 #                     file at once, so: the longest file, plus pip's setup and the link
-#   tests     120 s   346 tests (-m gpu) on 14 workers: ~15 s start and collection each, Triton
+#   tests     120 s   384 tests (-m gpu) on 14 workers: ~15 s start and collection each, Triton
 #                     compiles spread over the workers (~50 specializations, 1-3 s each), one
 #                     torch.compile (~40 s) and one float64 ViT-S forward on the CPU (~10 s)
 #   selftest  200 s   at most: one process per backend, side by side; the CUDA kernels' ~300 cases

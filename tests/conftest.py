@@ -39,9 +39,11 @@ def pytest_configure(config):
                                        "run's selection: pytest -m gpu)")
     config.addinivalue_line("markers", "slow: compiles for long (Triton kernels at N >= 577)")
     config.addinivalue_line("markers", "triton: runs the Triton kernels as the `tt` backend")
-    config.addinivalue_line("markers", "interpreted: a case the `tt` fixture's Triton backend also "
-                                       "runs without a GPU, in the slow interpreter (the others "
-                                       "are deselected there)")
+    config.addinivalue_line("markers", "interpreted: a case the `tt` fixture's Triton backend "
+                                       "runs (the others are deselected for it: the interpreter "
+                                       "is slow, and on a GPU each variant compiles within the "
+                                       "GPU check's few minutes; the self-test covers Triton at "
+                                       "the models' shapes)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
         if params.get("tt") == "triton":
             item.add_marker(pytest.mark.triton)
-            if not torch.cuda.is_available() and item.get_closest_marker("interpreted") is None:
+            if item.get_closest_marker("interpreted") is None:
                 interpreter_skips.append(item)
     if interpreter_skips:
         config.hook.pytest_deselected(items=interpreter_skips)
@@ -186,8 +188,8 @@ def host_ops(rows=32, stage=True, packed=True, threads=0, key_parts=0):
 # The `tt` fixture: every backend with torch.ops.tt's signatures, called on the same CPU inputs.
 #   cpu                 the C++ CPU kernels
 #   cuda                the CUDA kernels, on a GPU (skipped without one)
-#   triton              the Triton kernels: on a GPU, or else interpreted on CPU tensors, which is
-#                       slow: there it runs only the cases marked `interpreted`
+#   triton              the Triton kernels: on a GPU, or else interpreted on CPU tensors; only the
+#                       cases marked `interpreted`
 #   cuda-on-host[-...]  the CUDA kernels' per-image code (csrc/cuda/*_image.cuh) run on the CPU by
 #                       tests/cuda_on_host, under each plan a launch may choose: affinity rows per
 #                       chunk (and output rows per block of apply/untransform), metric staged in
