@@ -1,5 +1,5 @@
-// Shared declarations of the tt operators: argument checks (used by every backend) and the CPU
-// kernels that the fused transform composes.
+// Shared declarations of the tt operators: the constructions and apply modes, and the argument
+// checks (used by every backend).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -66,18 +66,10 @@ void check_untransform(const at::Tensor& y, const at::Tensor& dst, const at::Ten
 double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
                            const std::optional<at::Tensor>& size, std::optional<double> scale);
 
-// CPU kernels on validated, contiguous inputs.
-std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
-                                                  const std::optional<at::Tensor>& metric,
-                                                  const std::optional<at::Tensor>& score,
-                                                  const at::Tensor& size);
 // The CUDA apply on validated, contiguous inputs (CUDA builds only): tt.transform's fallback
 // when the apply does not fit in the fused block.
 std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at::Tensor& size,
                                                    const at::Tensor& dst, const at::Tensor& weight,
                                                    int64_t n_out, Mode mode);
-std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x, const at::Tensor& size,
-                                                  const at::Tensor& dst, const at::Tensor& weight,
-                                                  int64_t n_out, Mode mode);
 
 }  // namespace tt
