@@ -66,10 +66,4 @@ void check_untransform(const at::Tensor& y, const at::Tensor& dst, const at::Ten
 double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
                            const std::optional<at::Tensor>& size, std::optional<double> scale);
 
-// The CUDA apply on validated, contiguous inputs (CUDA builds only): tt.transform's fallback
-// when the apply does not fit in the fused block.
-std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at::Tensor& size,
-                                                   const at::Tensor& dst, const at::Tensor& weight,
-                                                   int64_t n_out, Mode mode);
-
 }  // namespace tt
