@@ -18,22 +18,13 @@
 namespace tt {
 namespace {
 
-constexpr float kNormEps = 1e-12f;
-constexpr float kScoreEps = 1e-30f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// The first A token (ToMe's even, unprotected tokens: the only ones that may leave when the
-// choice is by redundancy) and how many there are.
-int64_t first_a(int64_t prefix) { return prefix + (prefix % 2); }
-int64_t a_count(int64_t n, int64_t prefix) {
-  return std::max<int64_t>(n - first_a(prefix) + 1, 0) / 2;
-}
 
 // Cosine similarity of the tokens `from` (undefined: all) with every token, [B, R, N].
 at::Tensor similarity(const at::Tensor& metric, const at::Tensor& from) {
   // Contiguous first: the norms of a strided view would round differently.
   auto m = metric.to(at::kFloat).contiguous();
-  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kNormEps);
+  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(NORM_EPS);
   return at::bmm(from.defined() ? m.index_select(1, from) : m, m.transpose(1, 2)).contiguous();
 }
 
@@ -50,7 +41,7 @@ void ward_affinity(float* sim, const float* size, int64_t n_rows, int64_t N, Row
   for (int64_t i = 0; i < n_rows; ++i) {
     const float s_i = size[row_token(i)];
     for (int64_t j = 0; j < N; ++j) {
-      const float pair = s_i * size[j] / std::max(s_i + size[j], kScoreEps);
+      const float pair = s_i * size[j] / std::max(s_i + size[j], SCORE_EPS);
       sim[i * N + j] = -(pair * (1.f - sim[i * N + j]));
     }
   }
@@ -64,8 +55,7 @@ void choose_by_importance(const Construction& c, const float* score, std::vector
   std::vector<float> key(N, kNegInf);
   for (int64_t j = P; j < N; ++j) order.push_back(j), key[j] = score[j];
   sort_descending(order, key);
-  const int64_t n_keep = N - c.r - P - (c.method == Method::Evit && c.r > 0 ? 1 : 0);
-  for (size_t i = n_keep; i < order.size(); ++i) keep[order[i]] = 0;
+  for (size_t i = n_keep(c.method, N, c.r, P); i < order.size(); ++i) keep[order[i]] = 0;
 }
 
 // Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
@@ -77,7 +67,7 @@ void choose_by_redundancy(const Construction& c, SimRow sim_row, const float* sc
   const int64_t N = c.tokens, P = c.prefix;
   std::vector<int64_t> order;
   std::vector<float> key(N, kNegInf);
-  float top_score = kScoreEps;
+  float top_score = SCORE_EPS;
   if (c.alpha > 0)
     for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
   const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
@@ -170,7 +160,7 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
         break;
       case Method::Evit:  // into the fused last row, by score
         d[0] = N - c.r - 1;
-        w[0] = score[j] * fused_mass / std::max(fused_score_mass, kScoreEps);
+        w[0] = score[j] * fused_mass / std::max(fused_score_mass, SCORE_EPS);
         break;
       case Method::Tome:  // merged into its most similar B token
         d[0] = row_of[best_b[j]];

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kMinKeyRows = 8;
 inline int key_parts(const image::Step& s, int64_t B, int sms) {
   if (s.by_importance || B * 2 >= sms) return 1;
-  const int64_t fill = (2 * sms + B - 1) / B, most = image::Bipartite(s).nA / kMinKeyRows;
+  const int64_t fill = (2 * sms + B - 1) / B, most = a_count(s.N, s.P) / kMinKeyRows;
   return static_cast<int>(std::max<int64_t>(1, std::min(fill, most)));
 }
 

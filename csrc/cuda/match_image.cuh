@@ -20,8 +20,6 @@
 namespace tt {
 namespace image {
 
-constexpr float kNormEps = 1e-12f;
-constexpr float kScoreEps = 1e-30f;
 constexpr int kNone = 0x7fffffff;   // no candidate: an index above every token
 constexpr int kBlockThreads = 256;  // of the match and transform kernels' blocks
 
@@ -44,7 +42,7 @@ inline Step make_step(const Construction& c, int64_t D) {
   s.K = static_cast<int>(c.slots());
   s.P = static_cast<int>(c.prefix);
   s.r = static_cast<int>(c.r);
-  s.n_keep = s.N - s.r - s.P - (c.method == Method::Evit && c.r > 0 ? 1 : 0);
+  s.n_keep = static_cast<int>(n_keep(c.method, c.tokens, c.r, c.prefix));
   s.method = c.method;
   s.by_importance = c.by_importance();
   s.mix = !s.by_importance && c.alpha > 0;
@@ -195,7 +193,7 @@ int64_t plan_for(Step& s, const at::Tensor& metric, int64_t limit, int64_t apply
 }
 
 // 1 / |metric row t| of every token (the cosine of a zero row is 0, as in the reference: norms
-// clamped at kNormEps).
+// clamped at NORM_EPS).
 template <typename Exec, typename metric_t>
 TT_DEVICE void inverse_norms(Exec& ex, const Step& s, const metric_t* m, int64_t sn,
                              float* inv_norm) {
@@ -205,7 +203,7 @@ TT_DEVICE void inverse_norms(Exec& ex, const Step& s, const metric_t* m, int64_t
       const float v = static_cast<float>(m[t * sn + d]);
       square += v * v;
     }
-    inv_norm[t] = 1.f / fmaxf(sqrtf(square), kNormEps);
+    inv_norm[t] = 1.f / fmaxf(sqrtf(square), NORM_EPS);
   });
 }
 
@@ -236,7 +234,7 @@ struct Affinity {
     }
     dot *= inv_norm[i] * inv_norm[t];
     if (!s.ward) return dot;
-    const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], kScoreEps);
+    const float pair = size[i] * size[t] / fmaxf(size[i] + size[t], SCORE_EPS);
     return -(pair * (1.f - dot));
   }
 };
@@ -245,8 +243,8 @@ struct Affinity {
 struct Bipartite {
   int a0, b0, nA, nB;
   TT_HOST_DEVICE explicit Bipartite(const Step& s)
-      : a0(s.P + s.P % 2), b0(s.P + 1 - s.P % 2),
-        nA((s.N - a0 + 1 > 0 ? s.N - a0 + 1 : 0) / 2),
+      : a0(static_cast<int>(first_a(s.P))), b0(s.P + 1 - s.P % 2),
+        nA(static_cast<int>(a_count(s.N, s.P))),
         nB((s.N - b0 + 1 > 0 ? s.N - b0 + 1 : 0) / 2) {}
 };
 
@@ -330,7 +328,7 @@ TT_DEVICE void match_image(Exec& ex, const Step& s, const MatchImage<metric_t>& 
   const float neg_inf = -INFINITY;
 
   // The metric, staged in shared memory when it fits; the cosine of a zero row is 0, as in the
-  // reference (norms clamped at kNormEps).
+  // reference (norms clamped at NORM_EPS).
   const metric_t* m = im.metric;
   int64_t sn = im.metric_sn;
   if (s.needs_affinity) {
@@ -368,7 +366,7 @@ TT_DEVICE void match_image(Exec& ex, const Step& s, const MatchImage<metric_t>& 
     }
     if (s.mix) {
       const float top_score = fmaxf(
-          ex.max(N, [&](int j) { return j >= P ? score[j] : neg_inf; }, neg_inf), kScoreEps);
+          ex.max(N, [&](int j) { return j >= P ? score[j] : neg_inf; }, neg_inf), SCORE_EPS);
       ex.for_each(nA, [&](int i) {
         const int a = a0 + 2 * i;
         key[a] = key[a] * s.w_red + (1.f - score[a] / top_score) * s.w_imp;
@@ -413,7 +411,7 @@ TT_DEVICE void match_image(Exec& ex, const Step& s, const MatchImage<metric_t>& 
       w[0] = 1.f;
     } else if (s.method == Method::Evit) {
       d[0] = N - s.r - 1;
-      w[0] = score[j] * mass / fmaxf(score_mass, kScoreEps);
+      w[0] = score[j] * mass / fmaxf(score_mass, SCORE_EPS);
     } else if (s.method == Method::Tome) {
       d[0] = row_of[best[j]];
       w[0] = 1.f;
