@@ -1,8 +1,9 @@
 // CPU tt.match: the constructions of T (prune, evit, tome, transform), one image at a time. Which
 // tokens leave comes first (by importance or by redundancy), then where each one goes. The
-// cosine similarities come from one batched fp32 GEMM and every affinity follows the reference's
-// formula, so selections are the reference's (float64) except between affinities within fp32
-// rounding of each other; exact ties go to the lower index in both.
+// cosine similarities come from one batched fp32 GEMM over the pairs the construction reads (A x
+// B tokens for ToMe and targets "b") and every affinity follows the reference's formula, so
+// selections are the reference's (float64) except between affinities within fp32 rounding of each
+// other; exact ties go to the lower index in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,12 +21,46 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Cosine similarity of the tokens `from` (undefined: all) with every token, [B, R, N].
-at::Tensor similarity(const at::Tensor& metric, const at::Tensor& from) {
-  // Contiguous first: the norms of a strided view would round differently.
-  auto m = metric.to(at::kFloat).contiguous();
-  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(NORM_EPS);
-  return at::bmm(from.defined() ? m.index_select(1, from) : m, m.transpose(1, 2)).contiguous();
+// The first of ToMe's B tokens (the odd unprotected ones, the targets of its choice).
+int64_t first_b(int64_t prefix) { return prefix + 1 - prefix % 2; }
+
+// The tokens start, start + step, ...: the rows or the columns of the affinities.
+struct Tokens {
+  int64_t start, step, count;
+  int64_t token(int64_t i) const { return start + step * i; }
+  int64_t index(int64_t token) const { return (token - start) / step; }
+};
+
+// What one image's affinities hold: a row for each token that may leave (the A tokens by
+// redundancy, every token by importance), a column for each token it is compared with (only the B
+// tokens where nothing reads the others: ToMe's best B token, targets "b"; else every token).
+struct Grid {
+  Tokens rows, cols;
+  explicit Grid(const Construction& c) {
+    const int64_t N = c.tokens, P = c.prefix;
+    rows = c.by_importance() ? Tokens{0, 1, N} : Tokens{first_a(P), 2, a_count(N, P)};
+    cols = c.method == Method::Tome || c.targets_b
+               ? Tokens{first_b(P), 2, std::max<int64_t>(N - first_b(P) + 1, 0) / 2}
+               : Tokens{0, 1, N};
+  }
+};
+
+// The metric's unit rows of `tokens`, [B, count, D] fp32. The rows are read where they lie (the
+// model's queries are a strided view): only the channels must be contiguous, for the norm to
+// round as on a contiguous tensor.
+at::Tensor unit_rows(const at::Tensor& metric, const Tokens& tokens) {
+  const auto rows = metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count,
+                                 tokens.step);
+  return rows / at::linalg_vector_norm(rows, 2, {-1}, /*keepdim=*/true).clamp_min(NORM_EPS);
+}
+
+// Cosine similarity of the grid's rows with its columns, [B, rows, cols].
+at::Tensor similarity(const at::Tensor& metric_in, const Grid& grid) {
+  auto metric = metric_in.to(at::kFloat);
+  if (metric.stride(2) != 1) metric = metric.contiguous();
+  const at::Tensor rows = unit_rows(metric, grid.rows);
+  const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
+  return at::bmm(rows, (same ? rows : unit_rows(metric, grid.cols)).transpose(1, 2));
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -35,14 +70,14 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
 }
 
 // Ward's affinity in place: -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
-// Row i of `sim` belongs to token row_token(i).
-template <typename RowToken>
-void ward_affinity(float* sim, const float* size, int64_t n_rows, int64_t N, RowToken row_token) {
-  for (int64_t i = 0; i < n_rows; ++i) {
-    const float s_i = size[row_token(i)];
-    for (int64_t j = 0; j < N; ++j) {
-      const float pair = s_i * size[j] / std::max(s_i + size[j], SCORE_EPS);
-      sim[i * N + j] = -(pair * (1.f - sim[i * N + j]));
+void ward_affinity(float* sim, const float* size, const Grid& grid) {
+  const int64_t n_cols = grid.cols.count;
+  for (int64_t i = 0; i < grid.rows.count; ++i) {
+    const float s_i = size[grid.rows.token(i)];
+    for (int64_t j = 0; j < n_cols; ++j) {
+      const float s_j = size[grid.cols.token(j)];
+      const float pair = s_i * s_j / std::max(s_i + s_j, SCORE_EPS);
+      sim[i * n_cols + j] = -(pair * (1.f - sim[i * n_cols + j]));
     }
   }
 }
@@ -58,11 +93,19 @@ void choose_by_importance(const Construction& c, const float* score, std::vector
   for (size_t i = n_keep(c.method, N, c.r, P); i < order.size(); ++i) keep[order[i]] = 0;
 }
 
+// One image's affinities: row(t) holds token t's, at the grid's columns.
+struct Affinities {
+  float* data;
+  const Grid& grid;
+  const float* row(int64_t token) const {
+    return data + grid.rows.index(token) * grid.cols.count;
+  }
+};
+
 // Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
 // their similarity optionally mixed with unimportance (alpha > 0); best_b[a]: A token a's most
-// similar B token. sim_row(a): A token a's affinities to every token.
-template <typename SimRow>
-void choose_by_redundancy(const Construction& c, SimRow sim_row, const float* score,
+// similar B token.
+void choose_by_redundancy(const Construction& c, const Affinities& sim, const float* score,
                           std::vector<char>& keep, std::vector<int64_t>& best_b) {
   const int64_t N = c.tokens, P = c.prefix;
   std::vector<int64_t> order;
@@ -71,12 +114,12 @@ void choose_by_redundancy(const Construction& c, SimRow sim_row, const float* sc
   if (c.alpha > 0)
     for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
   const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
-  const int64_t first_b = P + 1 - (P % 2);
+  const int64_t col0 = sim.grid.cols.index(first_b(P)), step = 2 / sim.grid.cols.step;
   for (int64_t a = first_a(P); a < N; a += 2) {
-    const float* row = sim_row(a);
+    const float* row = sim.row(a);
     float best = kNegInf;
-    for (int64_t b = first_b; b < N; b += 2)
-      if (row[b] > best) best = row[b], best_b[a] = b;
+    for (int64_t b = first_b(P), col = col0; b < N; b += 2, col += step)
+      if (row[col] > best) best = row[col], best_b[a] = b;
     key[a] = c.alpha > 0 ? best * w_red + (1.f - score[a] / top_score) * w_imp : best;
     order.push_back(a);
   }
@@ -84,25 +127,30 @@ void choose_by_redundancy(const Construction& c, SimRow sim_row, const float* sc
   for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
 }
 
-// transform: a removed token's slots d/w, its k most similar allowed targets (kept, after the
-// prefix, B tokens only with targets "b") by affinity `row`, weighted softmax(affinity / tau);
-// none found: pruned (weights stay 0). top/val: k entries of scratch.
-void spread(const Construction& c, const float* row, const std::vector<char>& keep,
-            const std::vector<int64_t>& row_of, std::vector<int64_t>& top,
-            std::vector<float>& val, int64_t* d, float* w) {
+// transform: removed token j's slots d/w, its k most similar allowed targets (kept, after the
+// prefix, B tokens only with targets "b"), weighted softmax(affinity / tau); none found: pruned
+// (weights stay 0). top/val: k entries of scratch.
+void spread(const Construction& c, const Affinities& sim, int64_t j,
+            const std::vector<char>& keep, const std::vector<int64_t>& row_of,
+            std::vector<int64_t>& top, std::vector<float>& val, int64_t* d, float* w) {
   const int64_t N = c.tokens, P = c.prefix, K = c.k;
-  // Insertion into a descending list (strict > keeps the lower index on ties).
+  const float* row = sim.row(j);
+  // The allowed targets in ascending order, inserted into a descending list (strict > keeps the
+  // lower index on ties).
+  const int64_t first = c.targets_b ? first_b(P) : P, step = c.targets_b ? 2 : 1;
+  const int64_t col_step = step / sim.grid.cols.step;
   int64_t found = 0;
-  for (int64_t t = P; t < N; ++t) {
-    if (!keep[t] || (c.targets_b && t % 2 == 0)) continue;
-    if (found == K && !(row[t] > val[K - 1])) continue;
+  for (int64_t t = first, col = sim.grid.cols.index(first); t < N; t += step, col += col_step) {
+    if (!keep[t]) continue;
+    const float v = row[col];
+    if (found == K && !(v > val[K - 1])) continue;
     int64_t pos = std::min(found, K - 1);
-    while (pos > 0 && row[t] > val[pos - 1]) {
+    while (pos > 0 && v > val[pos - 1]) {
       val[pos] = val[pos - 1];
       top[pos] = top[pos - 1];
       --pos;
     }
-    val[pos] = row[t];
+    val[pos] = v;
     top[pos] = t;
     found = std::min(found + 1, K);
   }
@@ -117,24 +165,19 @@ void spread(const Construction& c, const float* row, const std::vector<char>& ke
   }
 }
 
-// One image: fills dst/weight [N, K] from affinities `sim` (or null) and `score` [N]. `sim` holds
-// the rows of all tokens ([N, N]) when choosing by importance, else of the A tokens only.
-void match_image(const Construction& c, float* sim, const float* score, const float* size,
-                 int64_t* dst, float* weight) {
-  const int64_t N = c.tokens, P = c.prefix, K = c.slots();
-  const bool all_rows = c.by_importance();
-  const auto row_token = [&](int64_t i) { return all_rows ? i : first_a(P) + 2 * i; };
-  const auto sim_row = [&](int64_t j) {
-    return sim + (all_rows ? j : (j - first_a(P)) / 2) * N;
-  };
-  if (c.ward) ward_affinity(sim, size, all_rows ? N : a_count(N, P), N, row_token);
+// One image: fills dst/weight [N, K] from its affinities `sim` (data null when the construction
+// reads none) and `score` [N].
+void match_image(const Construction& c, const Affinities& sim, const float* score,
+                 const float* size, int64_t* dst, float* weight) {
+  const int64_t N = c.tokens, K = c.slots();
+  if (c.ward) ward_affinity(sim.data, size, sim.grid);
 
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
   if (c.by_importance())
     choose_by_importance(c, score, keep);
   else
-    choose_by_redundancy(c, sim_row, score, keep, best_b);
+    choose_by_redundancy(c, sim, score, keep, best_b);
   std::vector<int64_t> row_of(N);  // output row of each kept token (of the one before, if not)
   for (int64_t j = 0, kept = 0; j < N; ++j) row_of[j] = keep[j] ? kept++ : kept - 1;
 
@@ -167,7 +210,7 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
         w[0] = 1.f;
         break;
       case Method::Transform:  // spread over its k most similar targets
-        spread(c, sim_row(j), keep, row_of, top, val, d, w);
+        spread(c, sim, j, keep, row_of, top, val, d, w);
         break;
     }
   }
@@ -201,16 +244,14 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
   auto weight = at::empty({B, N, K}, opts);
   const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
-  const int64_t a0 = std::min(first_a(c.prefix), N);
-  const at::Tensor from =
-      c.by_importance() ? at::Tensor() : at::arange(a0, N, 2, opts.dtype(at::kLong));
-  const at::Tensor sim = needs_sim ? similarity(*metric, from) : at::Tensor();
-  const int64_t sim_rows = needs_sim ? sim.size(1) : 0;
+  const Grid grid(c);
+  const at::Tensor sim = needs_sim ? similarity(*metric, grid) : at::Tensor();
+  const int64_t per_image = grid.rows.count * grid.cols.count;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      match_image(c, needs_sim ? sim.data_ptr<float>() + b * sim_rows * N : nullptr,
+      match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);

@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
   // The metric as match.cu (its own dtype) or transform.cu (x's dtype, or fp32) reads it.
   const at::Tensor metric =
       metric_in.has_value()
-          ? image::kernel_metric(*metric_in, x.defined() ? x.scalar_type() : metric_in->scalar_type())
+          ? image::kernel_metric(*metric_in,
+                                 x.defined() ? x.scalar_type() : metric_in->scalar_type())
           : at::Tensor();
   image::Step s = image::make_step(c, metric.defined() ? metric.size(2) : 0);
   s.rows_per_chunk = static_cast<int>(rows_per_chunk);
@@ -112,7 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
     });
     return {x_out, size_out, dst, weight};
   }
-  image::dispatch_dtypes(x.scalar_type(), metric, [&](auto metric_zero, auto x_zero) {  // transform.cu
+  // transform.cu
+  image::dispatch_dtypes(x.scalar_type(), metric, [&](auto metric_zero, auto x_zero) {
     using metric_t = decltype(metric_zero);
     using x_t = decltype(x_zero);
     choose_plan<metric_t>(s, stage, packed, shared_limit,
