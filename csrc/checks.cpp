@@ -158,20 +158,12 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
                     ": `cost` applies only to method 'transform'; got '", std::string(cost),
                     "' with '", std::string(method), "'");
   c.ward = cost == "ward";
-  // Largest r each construction can honour with static shapes (N' = N - r).
-  int64_t r_max = n - prefix;
-  const char* why = "N - prefix";
-  if (c.method == Method::Evit) {
-    r_max = std::max<int64_t>(n - prefix - 1, 0);
-    why = "N - prefix - 1 (one output row is the fused token)";
-  } else if (!c.by_importance()) {
-    r_max = (n - prefix) / 2;
-    why = "(N - prefix) // 2 (ToMe's bipartite cap)";
-  }
-  if (r_max >= n && n > 0) {  // at least one token must remain: T needs an output row
-    r_max = n - 1;
-    why = "N - 1 (at least one token remains)";
-  }
+  // Largest r each construction can honour with static shapes (N' = N - r), and why.
+  const int64_t r_max = max_r(c.method, n, prefix, c.by_importance());
+  const char* why = c.method == Method::Evit ? "N - prefix - 1 (one output row is the fused token)"
+                    : !c.by_importance()     ? "(N - prefix) // 2 (ToMe's bipartite cap)"
+                    : r_max < n - prefix     ? "N - 1 (at least one token remains)"
+                                             : "N - prefix";
   TORCH_CHECK_VALUE(r >= 0 && r <= r_max, op, ": `r` must lie in [0, ", r_max, "] = [0, ", why,
                     "] for method '", std::string(method), "' with N = ", n,
                     " and prefix = ", prefix, ", got ", r);

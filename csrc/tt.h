@@ -1,5 +1,5 @@
-// Shared declarations of the tt operators: argument checks (used by every backend) and the CPU
-// kernels that the fused transform composes.
+// Shared declarations of the tt operators: the constructions and apply modes, and the argument
+// checks (used by every backend).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,6 +7,8 @@
 
 #include <optional>
 #include <string>
+
+#include "cuda/portable.h"
 
 // The dtypes of x, metric, q and k (the checks reject others), for AT_DISPATCH_SWITCH: no kernel
 // is compiled for double.
@@ -40,6 +42,37 @@ inline Mode parse_mode(const char* op, c10::string_view mode) {
                     std::string(mode), "'");
 }
 
+// The rules every layer shares: how many tokens a step may remove and keeps, which tokens may
+// leave, and the guards against dividing by zero. Written once here and once in Python
+// (tt_kernels/rules.py); tests/test_rules.py keeps the two equal. Host and device code.
+constexpr float NORM_EPS = 1e-12f;   // a zero vector's norm is clamped to this: its cosine is 0
+constexpr float SCORE_EPS = 1e-30f;  // an all-zero score (or sum of sizes) must not divide by 0
+
+// The first of ToMe's A tokens (the even unprotected ones, the only ones that may leave when the
+// choice is by redundancy).
+TT_HOST_DEVICE constexpr int64_t first_a(int64_t prefix) { return prefix + prefix % 2; }
+
+// How many A tokens n tokens have.
+TT_HOST_DEVICE constexpr int64_t a_count(int64_t n, int64_t prefix) {
+  return (n - first_a(prefix) + 1 > 0 ? n - first_a(prefix) + 1 : 0) / 2;
+}
+
+// Largest r a construction can remove from n tokens with static shapes: ToMe's bipartite cap when
+// only A tokens may leave, one output row for evit's fused token, and at least one token left.
+TT_HOST_DEVICE constexpr int64_t max_r(Method method, int64_t n, int64_t prefix,
+                                       bool by_importance) {
+  const int64_t r = method == Method::Evit                      ? n - prefix - 1
+                    : method == Method::Prune || by_importance ? n - prefix
+                                                               : (n - prefix) / 2;
+  const int64_t capped = r < n - 1 ? r : n - 1;
+  return capped > 0 ? capped : 0;
+}
+
+// Unprotected tokens kept by a step removing r of n (evit's fused token is not one of them).
+TT_HOST_DEVICE constexpr int64_t n_keep(Method method, int64_t n, int64_t r, int64_t prefix) {
+  return n - r - prefix - (method == Method::Evit && r > 0 ? 1 : 0);
+}
+
 // A construction of T, validated. K is the number of slots per input token.
 struct Construction {
   Method method;
@@ -65,19 +98,5 @@ Mode check_transform(const at::Tensor& x, const at::Tensor& size, const Construc
 void check_untransform(const at::Tensor& y, const at::Tensor& dst, const at::Tensor& weight);
 double check_cls_attention(const at::Tensor& q, const at::Tensor& k,
                            const std::optional<at::Tensor>& size, std::optional<double> scale);
-
-// CPU kernels on validated, contiguous inputs.
-std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
-                                                  const std::optional<at::Tensor>& metric,
-                                                  const std::optional<at::Tensor>& score,
-                                                  const at::Tensor& size);
-// The CUDA apply on validated, contiguous inputs (CUDA builds only): tt.transform's fallback
-// when the apply does not fit in the fused block.
-std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at::Tensor& size,
-                                                   const at::Tensor& dst, const at::Tensor& weight,
-                                                   int64_t n_out, Mode mode);
-std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x, const at::Tensor& size,
-                                                  const at::Tensor& dst, const at::Tensor& weight,
-                                                  int64_t n_out, Mode mode);
 
 }  // namespace tt

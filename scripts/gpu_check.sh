@@ -21,8 +21,9 @@
 # Estimated wall time on the H200 machine (16 cores), from cpu-seconds measured on this
 # repository's 2-core AMD EPYC (2026-11-30, no GPU) divided by the parallelism there:
 #   info       15 s   torch import, nvidia-smi, compute-sanitizer --version
-#   build      70 s   nvcc for one arch: transform.cu 35 cpu-s, apply.cu 26, cls_attention.cu 25;
-#                     each C++ file ~11 (g++ -O3); ~150 cpu-s in all, but 16 jobs compile every
+#   build      70 s   nvcc for one arch: transform.cu ~37 cpu-s, match.cu ~30, apply.cu,
+#                     untransform.cu and cls_attention.cu ~26 each (torch's headers ~22 of each);
+#                     each C++ file ~11 (g++ -O3); ~245 cpu-s in all, but 16 jobs compile every
 #                     file at once, so: the longest file, plus pip's setup and the link
 #   tests     120 s   384 tests (-m gpu) on 14 workers: ~15 s start and collection each, Triton
 #                     compiles spread over the workers (~50 specializations, 1-3 s each), one
@@ -35,7 +36,7 @@
 #   racecheck 240 s   the CPU here the whole program takes 400 s, interpreted); the instrumented
 #                     kernels run on a few images: start-up and compiles dominate. Both run beside
 #                     tests + selftest
-#   ptxas       0 s   parsed from the build log (standalone: the three files at once, ~35 s)
+#   ptxas       0 s   parsed from the build log (standalone: the five files at once, ~40 s)
 #   => build-test ~15 + 70 + max(120 + 200, 240) + summary ~ 410 s of its 420
 #   bench     160 s   bench_gpu.py --time-budget 160 (warm machine; ViT-L at B=256 comes last)
 #   attention  60 s   bench_attention.py: bf16, batch 256 and 1, DeiT-S/B and DINOv2-S shapes

@@ -11,12 +11,12 @@ namespace {
 at::Tensor cls_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                              const std::optional<at::Tensor>& size,
                              std::optional<double> scale) {
-  const double s = check_cls_attention(q, k, size, scale);
+  const double logit_scale = check_cls_attention(q, k, size, scale);
   // [B, H, 1, Dh] x [B, H, Dh, N] -> [B, H, N]
   // Contiguous operands: a strided view would take another BLAS path and round differently.
   const auto q0 = q.narrow(2, 0, 1).to(at::kFloat).contiguous();
   const auto keys = k.to(at::kFloat).contiguous();
-  auto logits = at::matmul(q0, keys.transpose(-1, -2)).squeeze(2) * s;
+  auto logits = at::matmul(q0, keys.transpose(-1, -2)).squeeze(2) * logit_scale;
   if (size.has_value()) logits = logits + size->log().unsqueeze(1);
   return logits.softmax(-1).mean(1);
 }

@@ -1,7 +1,9 @@
-// CPU constructions of T (tt.match) and the fused reduction step (tt.transform). The cosine
-// similarities come from one batched fp32 GEMM and every affinity follows the reference's formula,
-// so selections are the reference's (float64) except between affinities within fp32 rounding of
-// each other; exact ties go to the lower index in both.
+// CPU tt.match: the constructions of T (prune, evit, tome, transform), one image at a time. Which
+// tokens leave comes first (by importance or by redundancy), then where each one goes. The
+// cosine similarities come from one batched fp32 GEMM over the pairs the construction reads (A x
+// B tokens for ToMe and targets "b") and every affinity follows the reference's formula, so
+// selections are the reference's (float64) except between affinities within fp32 rounding of each
+// other; exact ties go to the lower index in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,24 +11,56 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "../tt.h"
+#include "kernels.h"
 
 namespace tt {
 namespace {
 
-constexpr float kNormEps = 1e-12f;
-constexpr float kScoreEps = 1e-30f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Cosine similarity of the tokens `rows` (undefined: all) with every token, [B, R, N].
-at::Tensor similarity_rows(const at::Tensor& metric, const at::Tensor& rows) {
-  // Contiguous first: the norms of a strided view would round differently.
-  auto m = metric.to(at::kFloat).contiguous();
-  m = m / at::linalg_vector_norm(m, 2, {-1}, /*keepdim=*/true).clamp_min(kNormEps);
-  return at::bmm(rows.defined() ? m.index_select(1, rows) : m, m.transpose(1, 2)).contiguous();
+// The first of ToMe's B tokens (the odd unprotected ones, the targets of its choice).
+int64_t first_b(int64_t prefix) { return prefix + 1 - prefix % 2; }
+
+// The tokens start, start + step, ...: the rows or the columns of the affinities.
+struct Tokens {
+  int64_t start, step, count;
+  int64_t token(int64_t i) const { return start + step * i; }
+  int64_t index(int64_t token) const { return (token - start) / step; }
+};
+
+// What one image's affinities hold: a row for each token that may leave (the A tokens by
+// redundancy, every token by importance), a column for each token it is compared with (only the B
+// tokens where nothing reads the others: ToMe's best B token, targets "b"; else every token).
+struct Grid {
+  Tokens rows, cols;
+  explicit Grid(const Construction& c) {
+    const int64_t N = c.tokens, P = c.prefix;
+    rows = c.by_importance() ? Tokens{0, 1, N} : Tokens{first_a(P), 2, a_count(N, P)};
+    cols = c.method == Method::Tome || c.targets_b
+               ? Tokens{first_b(P), 2, std::max<int64_t>(N - first_b(P) + 1, 0) / 2}
+               : Tokens{0, 1, N};
+  }
+};
+
+// The metric's unit rows of `tokens`, [B, count, D] fp32. The rows are read where they lie (the
+// model's queries are a strided view): only the channels must be contiguous, for the norm to
+// round as on a contiguous tensor.
+at::Tensor unit_rows(const at::Tensor& metric, const Tokens& tokens) {
+  const auto rows = metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count,
+                                 tokens.step);
+  return rows / at::linalg_vector_norm(rows, 2, {-1}, /*keepdim=*/true).clamp_min(NORM_EPS);
+}
+
+// Cosine similarity of the grid's rows with its columns, [B, rows, cols].
+at::Tensor similarity(const at::Tensor& metric_in, const Grid& grid) {
+  auto metric = metric_in.to(at::kFloat);
+  if (metric.stride(2) != 1) metric = metric.contiguous();
+  const at::Tensor rows = unit_rows(metric, grid.rows);
+  const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
+  return at::bmm(rows, (same ? rows : unit_rows(metric, grid.cols)).transpose(1, 2));
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -36,79 +70,126 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
 }
 
 // Ward's affinity in place: -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
-// Row i of `sim` belongs to token row_token(i).
-template <typename RowToken>
-void ward_affinity(float* sim, const float* size, int64_t rows, int64_t N, RowToken row_token) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float s_i = size[row_token(i)];
-    for (int64_t j = 0; j < N; ++j) {
-      const float pair = s_i * size[j] / std::max(s_i + size[j], kScoreEps);
-      sim[i * N + j] = -(pair * (1.f - sim[i * N + j]));
+void ward_affinity(float* sim, const float* size, const Grid& grid) {
+  const int64_t n_cols = grid.cols.count;
+  for (int64_t i = 0; i < grid.rows.count; ++i) {
+    const float s_i = size[grid.rows.token(i)];
+    for (int64_t j = 0; j < n_cols; ++j) {
+      const float s_j = size[grid.cols.token(j)];
+      const float pair = s_i * s_j / std::max(s_i + s_j, SCORE_EPS);
+      sim[i * n_cols + j] = -(pair * (1.f - sim[i * n_cols + j]));
     }
   }
 }
 
-// The first A token (ToMe's even, unprotected tokens: the only ones that may leave when the
-// choice is by redundancy) and how many there are.
-int64_t first_a(int64_t prefix) { return prefix + (prefix % 2); }
-int64_t a_count(int64_t n, int64_t prefix) {
-  return std::max<int64_t>(n - first_a(prefix) + 1, 0) / 2;
-}
-
-// One image: fills dst/weight [N, K] from affinities `sim` (or null) and `score` [N]. `sim` holds
-// the rows of all tokens ([N, N]) when choosing by importance, else of the A tokens only.
-void match_image(const Construction& c, float* sim, const float* score, const float* size,
-                 int64_t* dst, float* weight) {
-  const int64_t N = c.tokens, P = c.prefix, K = c.slots();
-  const bool all_rows = c.by_importance();
-  const auto row_token = [&](int64_t i) { return all_rows ? i : first_a(P) + 2 * i; };
-  const auto sim_row = [&](int64_t j) {
-    return sim + (all_rows ? j : (j - first_a(P)) / 2) * N;
-  };
-  if (c.ward) ward_affinity(sim, size, all_rows ? N : a_count(N, P), N, row_token);
-  std::vector<char> keep(N, 1);
-  std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
+// Who leaves by importance (prune, evit, transform with alpha = 1): all but the n_keep highest
+// scores after the prefix; on ties the lower index stays.
+void choose_by_importance(const Construction& c, const float* score, std::vector<char>& keep) {
+  const int64_t N = c.tokens, P = c.prefix;
   std::vector<int64_t> order;
   std::vector<float> key(N, kNegInf);
-  if (c.by_importance()) {
-    // Keep the highest scores; on ties the lower index stays.
-    for (int64_t j = P; j < N; ++j) order.push_back(j);
-    for (int64_t j = P; j < N; ++j) key[j] = score[j];
-    sort_descending(order, key);
-    const int64_t n_keep = N - c.r - P - (c.method == Method::Evit && c.r > 0 ? 1 : 0);
-    for (size_t i = n_keep; i < order.size(); ++i) keep[order[i]] = 0;
-  } else {
-    // Remove the r most redundant A tokens (ToMe's bipartite choice), optionally mixed with
-    // unimportance.
-    float top_score = kScoreEps;
-    if (c.alpha > 0)
-      for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
-    const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
-    const int64_t first_b = P + 1 - (P % 2);
-    for (int64_t a = first_a(P); a < N; a += 2) {
-      const float* row = sim_row(a);
-      float best = kNegInf;
-      for (int64_t b = first_b; b < N; b += 2)
-        if (row[b] > best) best = row[b], best_b[a] = b;
-      key[a] = c.alpha > 0 ? best * w_red + (1.f - score[a] / top_score) * w_imp : best;
-      order.push_back(a);
-    }
-    sort_descending(order, key);
-    for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
-  }
+  for (int64_t j = P; j < N; ++j) order.push_back(j), key[j] = score[j];
+  sort_descending(order, key);
+  for (size_t i = n_keep(c.method, N, c.r, P); i < order.size(); ++i) keep[order[i]] = 0;
+}
 
-  std::vector<int64_t> row_of(N);
-  for (int64_t j = 0, rows = 0; j < N; ++j) row_of[j] = keep[j] ? rows++ : rows - 1;
+// One image's affinities: row(t) holds token t's, at the grid's columns.
+struct Affinities {
+  float* data;
+  const Grid& grid;
+  const float* row(int64_t token) const {
+    return data + grid.rows.index(token) * grid.cols.count;
+  }
+};
+
+// Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
+// their similarity optionally mixed with unimportance (alpha > 0); best_b[a]: A token a's most
+// similar B token.
+void choose_by_redundancy(const Construction& c, const Affinities& sim, const float* score,
+                          std::vector<char>& keep, std::vector<int64_t>& best_b) {
+  const int64_t N = c.tokens, P = c.prefix;
+  std::vector<int64_t> order;
+  std::vector<float> key(N, kNegInf);
+  float top_score = SCORE_EPS;
+  if (c.alpha > 0)
+    for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
+  const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
+  const int64_t col0 = sim.grid.cols.index(first_b(P)), step = 2 / sim.grid.cols.step;
+  for (int64_t a = first_a(P); a < N; a += 2) {
+    const float* row = sim.row(a);
+    float best = kNegInf;
+    for (int64_t b = first_b(P), col = col0; b < N; b += 2, col += step)
+      if (row[col] > best) best = row[col], best_b[a] = b;
+    key[a] = c.alpha > 0 ? best * w_red + (1.f - score[a] / top_score) * w_imp : best;
+    order.push_back(a);
+  }
+  sort_descending(order, key);
+  for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
+}
+
+// transform: removed token j's slots d/w, its k most similar allowed targets (kept, after the
+// prefix, B tokens only with targets "b"), weighted softmax(affinity / tau); none found: pruned
+// (weights stay 0). top/val: k entries of scratch.
+void spread(const Construction& c, const Affinities& sim, int64_t j,
+            const std::vector<char>& keep, const std::vector<int64_t>& row_of,
+            std::vector<int64_t>& top, std::vector<float>& val, int64_t* d, float* w) {
+  const int64_t N = c.tokens, P = c.prefix, K = c.k;
+  const float* row = sim.row(j);
+  // The allowed targets in ascending order, inserted into a descending list (strict > keeps the
+  // lower index on ties).
+  const int64_t first = c.targets_b ? first_b(P) : P, step = c.targets_b ? 2 : 1;
+  const int64_t col_step = step / sim.grid.cols.step;
+  int64_t found = 0;
+  for (int64_t t = first, col = sim.grid.cols.index(first); t < N; t += step, col += col_step) {
+    if (!keep[t]) continue;
+    const float v = row[col];
+    if (found == K && !(v > val[K - 1])) continue;
+    int64_t pos = std::min(found, K - 1);
+    while (pos > 0 && v > val[pos - 1]) {
+      val[pos] = val[pos - 1];
+      top[pos] = top[pos - 1];
+      --pos;
+    }
+    val[pos] = v;
+    top[pos] = t;
+    found = std::min(found + 1, K);
+  }
+  // softmax(affinity / tau) over the targets found, as torch.softmax computes it.
+  const float tau = static_cast<float>(c.tau);
+  float peak = kNegInf, total = 0;
+  for (int64_t s = 0; s < found; ++s) peak = std::max(peak, val[s] / tau);
+  for (int64_t s = 0; s < found; ++s) total += (w[s] = std::exp(val[s] / tau - peak));
+  for (int64_t s = 0; s < found; ++s) {
+    w[s] /= total;
+    d[s] = row_of[top[s]];
+  }
+}
+
+// One image: fills dst/weight [N, K] from its affinities `sim` (data null when the construction
+// reads none) and `score` [N].
+void match_image(const Construction& c, const Affinities& sim, const float* score,
+                 const float* size, int64_t* dst, float* weight) {
+  const int64_t N = c.tokens, K = c.slots();
+  if (c.ward) ward_affinity(sim.data, size, sim.grid);
+
+  std::vector<char> keep(N, 1);
+  std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
+  if (c.by_importance())
+    choose_by_importance(c, score, keep);
+  else
+    choose_by_redundancy(c, sim, score, keep, best_b);
+  std::vector<int64_t> row_of(N);  // output row of each kept token (of the one before, if not)
+  for (int64_t j = 0, kept = 0; j < N; ++j) row_of[j] = keep[j] ? kept++ : kept - 1;
+
+  // Kept tokens send weight 1 to their own row; removed ones go where the construction says.
   std::fill(dst, dst + N * K, 0);
   std::fill(weight, weight + N * K, 0.f);
-
   float fused_mass = 0, fused_score_mass = 0;  // evit: sum(size), sum(score * size) of the fused
   if (c.method == Method::Evit)
     for (int64_t j = 0; j < N; ++j)
       if (!keep[j]) fused_mass += size[j], fused_score_mass += score[j] * size[j];
-
   std::vector<int64_t> top(K);
-  std::vector<float> cos(K);
+  std::vector<float> val(K);
   for (int64_t j = 0; j < N; ++j) {
     int64_t* d = dst + j * K;
     float* w = weight + j * K;
@@ -118,84 +199,27 @@ void match_image(const Construction& c, float* sim, const float* score, const fl
       continue;
     }
     switch (c.method) {
-      case Method::Prune:
+      case Method::Prune:  // dropped: weight 0
         break;
-      case Method::Evit:
+      case Method::Evit:  // into the fused last row, by score
         d[0] = N - c.r - 1;
-        w[0] = score[j] * fused_mass / std::max(fused_score_mass, kScoreEps);
+        w[0] = score[j] * fused_mass / std::max(fused_score_mass, SCORE_EPS);
         break;
-      case Method::Tome:
+      case Method::Tome:  // merged into its most similar B token
         d[0] = row_of[best_b[j]];
         w[0] = 1.f;
         break;
-      case Method::Transform: {
-        // The k most similar allowed targets, by insertion into a descending list (strict > keeps
-        // the lower index on ties).
-        int64_t found = 0;
-        const float* row = sim_row(j);
-        for (int64_t t = P; t < N; ++t) {
-          if (!keep[t] || (c.targets_b && t % 2 == 0)) continue;
-          if (found == K && !(row[t] > cos[K - 1])) continue;
-          int64_t pos = std::min(found, K - 1);
-          while (pos > 0 && row[t] > cos[pos - 1]) {
-            cos[pos] = cos[pos - 1];
-            top[pos] = top[pos - 1];
-            --pos;
-          }
-          cos[pos] = row[t];
-          top[pos] = t;
-          found = std::min(found + 1, K);
-        }
-        if (found == 0) break;  // nowhere to go: pruned
-        // softmax(cos / tau) over the targets found, as torch.softmax computes it.
-        const float tau = static_cast<float>(c.tau);
-        float peak = kNegInf, total = 0;
-        for (int64_t s = 0; s < found; ++s) peak = std::max(peak, cos[s] / tau);
-        for (int64_t s = 0; s < found; ++s) total += (w[s] = std::exp(cos[s] / tau - peak));
-        for (int64_t s = 0; s < found; ++s) {
-          w[s] /= total;
-          d[s] = row_of[top[s]];
-        }
+      case Method::Transform:  // spread over its k most similar targets
+        spread(c, sim, j, keep, row_of, top, val, d, w);
         break;
-      }
     }
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
-                                                  const std::optional<at::Tensor>& metric,
-                                                  const std::optional<at::Tensor>& score_in,
-                                                  const at::Tensor& size_in) {
-  const int64_t B = c.batch, N = c.tokens, K = c.slots();
-  const auto opts = size_in.options();
-  auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
-  auto weight = at::empty({B, N, K}, opts);
-  const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
-  const int64_t a0 = std::min(first_a(c.prefix), N);
-  const at::Tensor rows =
-      c.by_importance() ? at::Tensor() : at::arange(a0, N, 2, opts.dtype(at::kLong));
-  const at::Tensor sim = needs_sim ? similarity_rows(*metric, rows) : at::Tensor();
-  const int64_t sim_rows = needs_sim ? sim.size(1) : 0;
-  const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
-  const at::Tensor size = size_in.contiguous();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      match_image(c, needs_sim ? sim.data_ptr<float>() + b * sim_rows * N : nullptr,
-                  score.defined() ? score.data_ptr<float>() + b * N : nullptr,
-                  size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
-                  weight.data_ptr<float>() + b * N * K);
-  });
-  return {dst, weight};
-}
-
-namespace {
-
 at::Tensor unit_size(const Construction& c, const std::optional<at::Tensor>& metric,
                      const std::optional<at::Tensor>& score) {
-  const auto& ref = metric.has_value() ? *metric : *score;
-  return at::ones({c.batch, c.tokens}, ref.options().dtype(at::kFloat));
+  const auto& given = metric.has_value() ? *metric : *score;
+  return at::ones({c.batch, c.tokens}, given.options().dtype(at::kFloat));
 }
 
 std::tuple<at::Tensor, at::Tensor> match_cpu(const std::optional<at::Tensor>& metric,
@@ -209,24 +233,32 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const std::optional<at::Tensor>& me
   return match_cpu_impl(c, metric, score, size.has_value() ? *size : unit_size(c, metric, score));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_cpu(
-    const at::Tensor& x, const at::Tensor& size, const std::optional<at::Tensor>& metric,
-    const std::optional<at::Tensor>& score, int64_t r, c10::string_view method, int64_t k,
-    double tau, double alpha, c10::string_view targets, int64_t prefix, c10::string_view mode,
-    c10::string_view cost) {
-  const Construction c = check_match("tt.transform", metric, score, size, r, method, k, tau,
-                                     alpha, targets, prefix, cost);
-  const Mode how = check_transform(x, size, c, mode);
-  auto [dst, weight] = match_cpu_impl(c, metric, score, size);
-  auto [x_out, size_out] = apply_cpu_impl(x, size, dst, weight, c.tokens - c.r, how);
-  return {x_out, size_out, dst, weight};
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tt, CPU, m) {
-  m.impl("match", &match_cpu);
-  m.impl("transform", &transform_cpu);
+std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
+                                                  const std::optional<at::Tensor>& metric,
+                                                  const std::optional<at::Tensor>& score_in,
+                                                  const at::Tensor& size_in) {
+  const int64_t B = c.batch, N = c.tokens, K = c.slots();
+  const auto opts = size_in.options();
+  auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
+  auto weight = at::empty({B, N, K}, opts);
+  const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
+  const Grid grid(c);
+  const at::Tensor sim = needs_sim ? similarity(*metric, grid) : at::Tensor();
+  const int64_t per_image = grid.rows.count * grid.cols.count;
+  const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
+  const at::Tensor size = size_in.contiguous();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
+                  score.defined() ? score.data_ptr<float>() + b * N : nullptr,
+                  size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
+                  weight.data_ptr<float>() + b * N * K);
+  });
+  return {dst, weight};
 }
+
+TORCH_LIBRARY_IMPL(tt, CPU, m) { m.impl("match", &match_cpu); }
 
 }  // namespace tt

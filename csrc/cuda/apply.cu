@@ -1,5 +1,5 @@
-// CUDA tt.apply and tt.untransform: apply_image.cuh with a block per range of output rows (or
-// tokens) of an image, so that small batches still fill the GPU; 16-byte packs when rows align.
+// CUDA tt.apply: apply_rows (apply_image.cuh) with a block per range of output rows of an image,
+// so that small batches still fill the GPU; 16-byte packs when rows align.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,19 +13,14 @@
 #include "../tt.h"
 #include "apply_image.cuh"
 #include "block.cuh"
+#include "kernels.h"
 #include "launch.h"
 
 namespace tt {
 namespace {
 
-// Up to 8 warps a block, at least 2 blocks an SM: ptxas keeps the loops in registers (<= 128).
-constexpr int kWarps = 8;
-constexpr int kRowsPerBlock = 4 * kWarps;
-
-int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
 template <typename x_t, int V>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+__global__ void __launch_bounds__(kRowWarps * 32, 2)
     apply_kernel(image::ApplyStep s, image::ApplyImage<x_t> first, int parts) {
   extern __shared__ float4 shared[];
   const int64_t b = blockIdx.x / parts;
@@ -35,17 +30,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   image::apply_rows<V>(ex, s, first.image(s, b), row0, row1, shared);
 }
 
-template <typename x_t, int V>
-__global__ void __launch_bounds__(kWarps * 32, 2)
-    untransform_kernel(int N, int K, int C, int n_y, const x_t* y, const int64_t* dst,
-                       const float* weight, x_t* out, int parts) {
-  const int64_t b = blockIdx.x / parts;
-  const int t0 = (blockIdx.x % parts) * kRowsPerBlock;
-  BlockExec ex;
-  image::untransform_rows<V>(ex, K, C, y + b * n_y * C, dst + b * N * K, weight + b * N * K,
-                             out + b * N * C, t0, min(N, t0 + kRowsPerBlock));
-}
-
 std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x, const at::Tensor& size,
                                               const at::Tensor& dst, const at::Tensor& weight,
                                               int64_t n_out, c10::string_view mode) {
@@ -53,29 +37,6 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda(const at::Tensor& x, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   return apply_cuda_impl(x.contiguous(), size.contiguous(), dst.contiguous(),
                          weight.contiguous(), n_out, how);
-}
-
-at::Tensor untransform_cuda(const at::Tensor& y_in, const at::Tensor& dst_in,
-                            const at::Tensor& weight_in) {
-  check_untransform(y_in, dst_in, weight_in);
-  const c10::cuda::CUDAGuard guard(y_in.device());
-  const auto y = y_in.contiguous();
-  const auto dst = dst_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const int64_t B = dst.size(0), N = dst.size(1), K = dst.size(2), C = y.size(2);
-  auto out = at::empty({B, N, C}, y.options());
-  if (out.numel() == 0) return out;
-  const int parts = ceil_div(N, kRowsPerBlock);
-  TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "tt_untransform_cuda", [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const bool packed = image::pack_width<scalar_t>(y.data_ptr(), C) == V;
-    const auto kernel = packed ? untransform_kernel<scalar_t, V> : untransform_kernel<scalar_t, 1>;
-    kernel<<<B * parts, kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        N, K, C, y.size(1), y.data_ptr<scalar_t>(), dst.data_ptr<int64_t>(),
-        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), parts);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 }  // namespace
@@ -90,11 +51,12 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at
   if (B == 0 || n_out == 0) return {out, size_out};
   const image::ApplyStep s{static_cast<int>(N), static_cast<int>(K), static_cast<int>(C),
                            static_cast<int>(n_out), mode};
-  // As many warps (each with a row buffer of C floats) as the shared memory holds, up to kWarps.
+  // As many warps (each with a row buffer of C floats) as the shared memory holds, up to
+  // kRowWarps.
   const int64_t lists = 4 * static_cast<int64_t>(image::apply_words(s, kRowsPerBlock, 0));
   const int64_t limit = shared_memory_limit(x.device().index());
   const int warps =
-      static_cast<int>(C > 0 ? std::min<int64_t>(kWarps, (limit - lists) / (4 * C)) : kWarps);
+      static_cast<int>(C > 0 ? std::min<int64_t>(kRowWarps, (limit - lists) / (4 * C)) : kRowWarps);
   TORCH_CHECK(warps >= 1, "tt.apply: C = ", C, " channels and N * K = ", N * K,
               " entries need more shared memory than this GPU gives a block (", limit,
               " bytes); use backend=\"triton\"");
@@ -105,18 +67,13 @@ std::tuple<at::Tensor, at::Tensor> apply_cuda_impl(const at::Tensor& x, const at
     const bool packed = image::pack_width<scalar_t>(x.data_ptr(), C) == V;
     const auto kernel = packed ? apply_kernel<scalar_t, V> : apply_kernel<scalar_t, 1>;
     allow_shared_memory(reinterpret_cast<const void*>(kernel), x.device().index(), bytes);
-    const image::ApplyImage<scalar_t> first{
-        x.data_ptr<scalar_t>(), size.data_ptr<float>(), dst.data_ptr<int64_t>(),
-        weight.data_ptr<float>(), out.data_ptr<scalar_t>(), size_out.data_ptr<float>()};
-    kernel<<<B * parts, warps * 32, bytes, c10::cuda::getCurrentCUDAStream()>>>(s, first, parts);
+    kernel<<<B * parts, warps * 32, bytes, c10::cuda::getCurrentCUDAStream()>>>(
+        s, image::make_apply_image<scalar_t>(x, size, dst, weight, out, size_out), parts);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, size_out};
 }
 
-TORCH_LIBRARY_IMPL(tt, CUDA, m) {
-  m.impl("apply", &apply_cuda);
-  m.impl("untransform", &untransform_cuda);
-}
+TORCH_LIBRARY_IMPL(tt, CUDA, m) { m.impl("apply", &apply_cuda); }
 
 }  // namespace tt

@@ -1,10 +1,11 @@
-// X' = T X and its transpose for one image, in gather form (executors: portable.h). apply lays T
-// out by output row (entries j * K + slot, ascending, whatever the atomics did), then one warp per
-// output row sums its inputs in that order into an fp32 row buffer, reading each input row once
-// with V-element (16-byte) loads. A block may take a range of output rows, so that a small batch
-// still spreads over the GPU.
+// X' = T X for one image, in gather form (executors: portable.h): T laid out by output row
+// (entries j * K + slot, ascending, whatever the atomics did), then one warp per output row sums
+// its inputs in that order into an fp32 row buffer, reading each input row once with V-element
+// (16-byte) loads. A block may take a range of output rows, so that a small batch still spreads
+// over the GPU. apply.cu runs it alone, transform.cu after match_image (transform_image.cuh).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -12,34 +13,11 @@
 #include <cstdint>
 
 #include "../tt.h"
+#include "pack.cuh"
 #include "portable.h"
 
 namespace tt {
 namespace image {
-
-// V consecutive elements, loaded or stored as one aligned access.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <int V, typename T>
-TT_DEVICE Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
-template <int V, typename T>
-TT_DEVICE void store_pack(T* p, const Pack<T, V>& pack) {
-  *reinterpret_cast<Pack<T, V>*>(p) = pack;
-}
-
-// Elements per 16-byte access when every row of a [*, C] tensor at `ptr` starts aligned.
-template <typename T>
-inline int pack_width(const void* ptr, int64_t C) {
-  constexpr int V = 16 / sizeof(T);
-  const bool aligned = reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && C % V == 0;
-  return aligned ? V : 1;
-}
 
 struct ApplyStep {
   int N, K, C, n_out;
@@ -62,6 +40,15 @@ struct ApplyImage {
             x_out + b * s.n_out * s.C, size_out + b * s.n_out};
   }
 };
+
+// The kernels' view of a batch (x_out and size_out: the outputs).
+template <typename x_t>
+ApplyImage<x_t> make_apply_image(const at::Tensor& x, const at::Tensor& size,
+                                 const at::Tensor& dst, const at::Tensor& weight,
+                                 const at::Tensor& x_out, const at::Tensor& size_out) {
+  return {x.data_ptr<x_t>(),     size.data_ptr<float>(), dst.data_ptr<int64_t>(),
+          weight.data_ptr<float>(), x_out.data_ptr<x_t>(), size_out.data_ptr<float>()};
+}
 
 // Shared words for `rows` output rows and `warps` warps.
 TT_HOST_DEVICE int apply_words(const ApplyStep& s, int rows, int warps) {
@@ -110,18 +97,18 @@ TT_DEVICE void apply_rows(Exec& ex, const ApplyStep& s, const ApplyImage<x_t>& i
     float norm = 0.f;  // mode norm: the coefficient-weighted sum of the inputs' norms
     for (int a = start[i]; a < start[i + 1]; ++a) {
       const int e = entry[a], j = e / K;
-      const float c = s.mode == Mode::Sum ? weight[e] : weight[e] * im.size[j];
+      const float coef = s.mode == Mode::Sum ? weight[e] : weight[e] * im.size[j];
       const x_t* xj = im.x + static_cast<int64_t>(j) * C;
       float square = 0.f;
       for (int ch = lane * V; ch < C; ch += lanes * V) {
         const Pack<x_t, V> in = load_pack<V>(xj + ch);
         for (int v = 0; v < V; ++v) {
           const float value = static_cast<float>(in.v[v]);
-          acc[ch + v] += c * value;
+          acc[ch + v] += coef * value;
           square += value * value;
         }
       }
-      if (s.mode == Mode::Norm) norm += c * sqrtf(ex.warp_sum(square));
+      if (s.mode == Mode::Norm) norm += coef * sqrtf(ex.warp_sum(square));
     }
     // Mean rows divide by their size; a row that receives nothing stays zero.
     const float total = im.size_out[row0 + i];
@@ -146,29 +133,6 @@ TT_DEVICE void apply_rows(Exec& ex, const ApplyStep& s, const ApplyImage<x_t>& i
         packed.v[v] = static_cast<x_t>(value);
       }
       store_pack<V>(out + ch, packed);
-    }
-  });
-}
-
-// untransform for tokens [t0, t1) of one image: out_t = sum_k (w_tk / sum_k w_tk) y_{dst_tk}.
-template <int V, typename Exec, typename x_t>
-TT_DEVICE void untransform_rows(Exec& ex, int K, int C, const x_t* y, const int64_t* dst,
-                                const float* weight, x_t* out, int t0, int t1) {
-  ex.for_each_warp(t1 - t0, [&](int i, int lane, int lanes, int) {
-    const int64_t t = t0 + i;
-    float total = 0.f;
-    for (int k = 0; k < K; ++k) total += weight[t * K + k];
-    for (int ch = lane * V; ch < C; ch += lanes * V) {
-      float acc[V];
-      for (int v = 0; v < V; ++v) acc[v] = 0.f;
-      for (int k = 0; total > 0.f && k < K; ++k) {
-        const float c = weight[t * K + k] / total;
-        const Pack<x_t, V> in = load_pack<V>(y + dst[t * K + k] * C + ch);
-        for (int v = 0; v < V; ++v) acc[v] += c * static_cast<float>(in.v[v]);
-      }
-      Pack<x_t, V> packed;
-      for (int v = 0; v < V; ++v) packed.v[v] = static_cast<x_t>(acc[v]);
-      store_pack<V>(out + t * C + ch, packed);
     }
   });
 }

@@ -2,7 +2,13 @@
 // share the loops, a barrier ends every call.
 #pragma once
 
+#include <cstdint>
+
 namespace tt {
+
+// BlockExec's static shared memory (its reduction partials), with room to spare: launches that
+// plan their dynamic shared memory up to the device's limit leave this much.
+constexpr int64_t kBlockExecShared = 1024;
 
 struct BlockExec {
   template <typename F>

@@ -17,25 +17,25 @@ namespace tt {
 namespace image {
 
 // q and k of one image, with their strides over heads, tokens and channels.
-template <typename Q, typename K>
+template <typename q_t, typename k_t>
 struct Heads {
-  const Q* q;
+  const q_t* q;
   int64_t q_sh, q_sd;
-  const K* k;
+  const k_t* k;
   int64_t k_sh, k_sn, k_sd;
   const float* size;  // null: no proportional-attention bias
   float* out;         // [N]
 };
 
 // `logits` is N floats of shared memory.
-template <typename Exec, typename Q, typename K>
-TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int D, float scale,
-                                   const Heads<Q, K>& im, float* logits) {
+template <typename Exec, typename q_t, typename k_t>
+TT_DEVICE void cls_attention_image(Exec& ex, int H, int N, int Dh, float scale,
+                                   const Heads<q_t, k_t>& im, float* logits) {
   ex.for_each(N, [&](int j) { im.out[j] = 0.f; });
   for (int h = 0; h < H; ++h) {
     ex.for_each_warp(N, [&](int j, int lane, int lanes, int) {
       float dot = 0.f;
-      for (int d = lane; d < D; d += lanes)
+      for (int d = lane; d < Dh; d += lanes)
         dot += static_cast<float>(im.q[h * im.q_sh + d * im.q_sd]) *
                static_cast<float>(im.k[h * im.k_sh + j * im.k_sn + d * im.k_sd]);
       dot = ex.warp_sum(dot);

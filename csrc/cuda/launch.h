@@ -1,16 +1,29 @@
 // Host-side launch helpers of the CUDA kernels: the device's shared-memory budget of a block and
-// its multiprocessors.
+// its multiprocessors, and the blocks of apply and untransform.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <utility>
 
 namespace tt {
+
+// apply's and untransform's blocks: up to 8 warps, a range of kRowsPerBlock output rows (tokens)
+// each, at least 2 blocks an SM, so that ptxas keeps the loops in registers (<= 128).
+constexpr int kRowWarps = 8;
+constexpr int kRowsPerBlock = 4 * kRowWarps;
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+inline at::Tensor contiguous_or_empty(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
 
 // The most dynamic shared memory a block may opt into on `device`.
 inline int64_t shared_memory_limit(int device) {

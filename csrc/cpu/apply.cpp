@@ -1,4 +1,4 @@
-// CPU apply (X' = T X) and untransform in the deterministic gather form: every output row sums its
+// CPU tt.apply (X' = T X) in the deterministic gather form: every output row sums its
 // contributions in ascending input order, in fp32, whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../tt.h"
+#include "kernels.h"
 
 namespace tt {
 namespace {
@@ -20,11 +21,11 @@ struct RowLists {
 
 RowLists transpose_rows(const float* size, const int64_t* dst, const float* weight, int64_t B,
                         int64_t N, int64_t K, int64_t n_out, Mode mode, float* size_out) {
-  RowLists rows{std::vector<int64_t>(B * (n_out + 1), 0), std::vector<int64_t>(B * N * K),
-                std::vector<float>(B * N * K)};
+  RowLists lists{std::vector<int64_t>(B * (n_out + 1), 0), std::vector<int64_t>(B * N * K),
+                 std::vector<float>(B * N * K)};
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t* start = rows.start.data() + b * (n_out + 1);
+      int64_t* start = lists.start.data() + b * (n_out + 1);
       const int64_t* d = dst + b * N * K;
       const float* w = weight + b * N * K;
       for (int64_t e = 0; e < N * K; ++e)
@@ -39,34 +40,34 @@ RowLists transpose_rows(const float* size, const int64_t* dst, const float* weig
         const float mass = w[e] * size[b * N + j];
         so[d[e]] += mass;
         const int64_t slot = b * N * K + cursor[d[e]]++;
-        rows.token[slot] = j;
-        rows.coef[slot] = mode == Mode::Sum ? w[e] : mass;
+        lists.token[slot] = j;
+        lists.coef[slot] = mode == Mode::Sum ? w[e] : mass;
       }
     }
   });
-  return rows;
+  return lists;
 }
 
 template <typename scalar_t>
-void gather_rows(const RowLists& rows, const scalar_t* x, const float* size_out, int64_t B,
+void gather_rows(const RowLists& lists, const scalar_t* x, const float* size_out, int64_t B,
                  int64_t N, int64_t K, int64_t C, int64_t n_out, Mode mode, scalar_t* out) {
   at::parallel_for(0, B * n_out, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> acc(C);
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / n_out, i = row % n_out;
-      const int64_t* start = rows.start.data() + b * (n_out + 1);
+      const int64_t* start = lists.start.data() + b * (n_out + 1);
       std::fill(acc.begin(), acc.end(), 0.f);
       float norm = 0;  // the coefficient-weighted sum of the inputs' norms (mode norm)
       for (int64_t e = start[i]; e < start[i + 1]; ++e) {
-        const float c = rows.coef[b * N * K + e];
-        const scalar_t* xj = x + (b * N + rows.token[b * N * K + e]) * C;
+        const float coef = lists.coef[b * N * K + e];
+        const scalar_t* xj = x + (b * N + lists.token[b * N * K + e]) * C;
         float square = 0;
         for (int64_t ch = 0; ch < C; ++ch) {
           const float v = static_cast<float>(xj[ch]);
-          acc[ch] += c * v;
+          acc[ch] += coef * v;
           square += v * v;
         }
-        norm += c * std::sqrt(square);
+        norm += coef * std::sqrt(square);
       }
       // Mean rows divide by their size; a row that receives nothing stays zero.
       const float total = size_out[row];
@@ -85,29 +86,11 @@ void gather_rows(const RowLists& rows, const scalar_t* x, const float* size_out,
   });
 }
 
-template <typename scalar_t>
-void untransform_rows(const scalar_t* y, const int64_t* dst, const float* weight, int64_t B,
-                      int64_t N, int64_t K, int64_t C, int64_t n_y, scalar_t* out) {
-  at::parallel_for(0, B * N, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<float> acc(C);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / N;
-      const float* w = weight + t * K;
-      const int64_t* d = dst + t * K;
-      float total = 0;
-      for (int64_t k = 0; k < K; ++k) total += w[k];
-      std::fill(acc.begin(), acc.end(), 0.f);
-      if (total > 0) {
-        for (int64_t k = 0; k < K; ++k) {
-          const float c = w[k] / total;
-          const scalar_t* yi = y + (b * n_y + d[k]) * C;
-          for (int64_t ch = 0; ch < C; ++ch) acc[ch] += c * static_cast<float>(yi[ch]);
-        }
-      }
-      scalar_t* o = out + t * C;
-      for (int64_t ch = 0; ch < C; ++ch) o[ch] = static_cast<scalar_t>(acc[ch]);
-    }
-  });
+std::tuple<at::Tensor, at::Tensor> apply_cpu(const at::Tensor& x, const at::Tensor& size,
+                                             const at::Tensor& dst, const at::Tensor& weight,
+                                             int64_t n_out, c10::string_view mode) {
+  return apply_cpu_impl(x, size, dst, weight, n_out,
+                        check_apply("tt.apply", x, size, dst, weight, n_out, mode));
 }
 
 }  // namespace
@@ -123,48 +106,16 @@ std::tuple<at::Tensor, at::Tensor> apply_cpu_impl(const at::Tensor& x_in, const 
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = dst.size(2);
   auto out = at::empty({B, n_out, C}, x.options());
   auto size_out = at::empty({B, n_out}, size.options());
-  const RowLists rows = transpose_rows(size.data_ptr<float>(), dst.data_ptr<int64_t>(),
-                                       weight.data_ptr<float>(), B, N, K, n_out, mode,
-                                       size_out.data_ptr<float>());
+  const RowLists lists = transpose_rows(size.data_ptr<float>(), dst.data_ptr<int64_t>(),
+                                        weight.data_ptr<float>(), B, N, K, n_out, mode,
+                                        size_out.data_ptr<float>());
   TT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tt_apply_cpu", [&] {
-    gather_rows<scalar_t>(rows, x.data_ptr<scalar_t>(), size_out.data_ptr<float>(), B, N, K, C,
+    gather_rows<scalar_t>(lists, x.data_ptr<scalar_t>(), size_out.data_ptr<float>(), B, N, K, C,
                           n_out, mode, out.data_ptr<scalar_t>());
   });
   return {out, size_out};
 }
 
-namespace {
-
-std::tuple<at::Tensor, at::Tensor> apply_cpu(const at::Tensor& x, const at::Tensor& size,
-                                             const at::Tensor& dst, const at::Tensor& weight,
-                                             int64_t n_out, c10::string_view mode) {
-  return apply_cpu_impl(x, size, dst, weight, n_out,
-                        check_apply("tt.apply", x, size, dst, weight, n_out, mode));
-}
-
-at::Tensor untransform_cpu(const at::Tensor& y_in, const at::Tensor& dst_in,
-                           const at::Tensor& weight_in) {
-  check_untransform(y_in, dst_in, weight_in);
-  const auto y = y_in.contiguous();
-  const auto dst = dst_in.contiguous();
-  const auto weight = weight_in.contiguous();
-  const int64_t B = dst.size(0), N = dst.size(1), K = dst.size(2), C = y.size(2);
-  auto out = at::empty({B, N, C}, y.options());
-  TT_DISPATCH_FLOAT_TYPES(y.scalar_type(), "tt_untransform_cpu",
-                                  [&] {
-                                    untransform_rows<scalar_t>(
-                                        y.data_ptr<scalar_t>(), dst.data_ptr<int64_t>(),
-                                        weight.data_ptr<float>(), B, N, K, C, y.size(1),
-                                        out.data_ptr<scalar_t>());
-                                  });
-  return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(tt, CPU, m) {
-  m.impl("apply", &apply_cpu);
-  m.impl("untransform", &untransform_cpu);
-}
+TORCH_LIBRARY_IMPL(tt, CPU, m) { m.impl("apply", &apply_cpu); }
 
 }  // namespace tt
