@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../tt.h"
@@ -56,21 +57,30 @@ void gather_rows(const RowLists& lists, const scalar_t* x, const float* size_out
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t b = row / n_out, i = row % n_out;
       const int64_t* start = lists.start.data() + b * (n_out + 1);
+      const int64_t* token = lists.token.data() + b * N * K;
+      const float* coef = lists.coef.data() + b * N * K;
+      const float total = size_out[row];
+      scalar_t* o = out + row * C;
+      // A row with one input that nothing rescales is that input (mean and norm: x s / s; sum:
+      // weight 1): most rows are a kept token's own, and they are copied exactly.
+      if (start[i + 1] - start[i] == 1 &&
+          (mode == Mode::Sum ? coef[start[i]] == 1.f : total > 0)) {
+        std::copy_n(x + (b * N + token[start[i]]) * C, C, o);
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       float norm = 0;  // the coefficient-weighted sum of the inputs' norms (mode norm)
       for (int64_t e = start[i]; e < start[i + 1]; ++e) {
-        const float coef = lists.coef[b * N * K + e];
-        const scalar_t* xj = x + (b * N + lists.token[b * N * K + e]) * C;
-        float square = 0;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const float v = static_cast<float>(xj[ch]);
-          acc[ch] += coef * v;
-          square += v * v;
+        const scalar_t* xj = x + (b * N + token[e]) * C;
+        for (int64_t ch = 0; ch < C; ++ch) acc[ch] += coef[e] * static_cast<float>(xj[ch]);
+        if (mode == Mode::Norm) {
+          float square = 0;
+          for (int64_t ch = 0; ch < C; ++ch)
+            square += static_cast<float>(xj[ch]) * static_cast<float>(xj[ch]);
+          norm += coef[e] * std::sqrt(square);
         }
-        norm += coef * std::sqrt(square);
       }
       // Mean rows divide by their size; a row that receives nothing stays zero.
-      const float total = size_out[row];
       if (mode != Mode::Sum)
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] = total > 0 ? acc[ch] / total : 0.f;
       if (mode == Mode::Norm) {
@@ -80,7 +90,6 @@ void gather_rows(const RowLists& lists, const scalar_t* x, const float* size_out
         const float scale = length > 0 && total > 0 ? (norm / total) / length : 0.f;
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] *= scale;
       }
-      scalar_t* o = out + row * C;
       for (int64_t ch = 0; ch < C; ++ch) o[ch] = static_cast<scalar_t>(acc[ch]);
     }
   });
