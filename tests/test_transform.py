@@ -156,7 +156,7 @@ def test_cuda_largest_image():
     ("tome", {}),
 ])
 def test_small_batch_keys_split_changes_nothing(method, kwargs, dtype):
-    """Small batches spread each image's removal keys over several blocks (transform.cu's
+    """Small batches spread each image's removal keys over several blocks (match.cu's
     keys_kernel): every affinity is computed by the same code in the same order, so T and x' are
     bit-equal to the one-block step's, for any number of blocks (up to one per A row)."""
     host = cuda_kernels_on_host()

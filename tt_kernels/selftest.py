@@ -24,7 +24,7 @@ from .measure import vit_tokens
 
 # name: (tokens N, channels C, heads H, batches); head dim 64. The metric is the full queries
 # (D = C) for transform, the keys' head mean (D = 64) for tome, as tt_kernels.patch passes them.
-# Batches: small ones spread each image's removal keys over several blocks (transform.cu), a
+# Batches: small ones spread each image's removal keys over several blocks (match.cu's keys_kernel), a
 # batch of 160 fills a GPU of up to 320 SMs with one block per image.
 MODELS = {
     "DeiT-S/16-224": (197, 384, 6, (1, 4, 160)),
