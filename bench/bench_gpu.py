@@ -1,8 +1,8 @@
 """GPU microbenchmarks of the tt operators: Triton kernels, CUDA C++ kernels and the PyTorch
 reference on the same CUDA tensors, at the token shapes of real ViTs.
 
-Ops: tt.transform (the fused step; constructions "transform k=1", "transform k=4", "tome"),
-tt.match (same constructions), tt.apply and tt.untransform (T from transform k=1 and k=4) and
+Ops: tt.transform (the fused step; constructions "spread k=1", "spread k=4", "tome"),
+tt.match (same constructions), tt.apply and tt.untransform (T from spread k=1 and k=4) and
 tt.cls_attention. Backends: "triton" (tt_kernels.triton_kernels.kernel(op)), "cuda" (the compiled
 torch.ops.tt kernels, only for the ops in tt_kernels.backends.CUDA_CPP_OPS) and "reference"
 (tt_kernels.reference behind the same argument checks, what backend="reference" runs).
@@ -59,8 +59,8 @@ SMOKE_BATCHES = (1, 2)
 
 CONSTRUCTIONS = {
     # name: (method, k, tau, alpha, targets)
-    "transform k=1": ("transform", 1, 0.1, 0.0, "all"),
-    "transform k=4": ("transform", 4, 0.1, 0.0, "all"),
+    "spread k=1": ("spread", 1, 0.1, 0.0, "all"),
+    "spread k=4": ("spread", 4, 0.1, 0.0, "all"),
     "tome": ("tome", 1, 0.1, 0.0, "all"),
 }
 PREFIX = 1
@@ -251,13 +251,13 @@ def build_cases(model, B, inp, dtype, ops):
 
     x, size, metric = inp["x"], inp["size"], inp["metric"]
     for name, (method, k, tau, alpha, targets) in CONSTRUCTIONS.items():
-        K = k if method == "transform" else 1
+        K = k if method == "spread" else 1
         construction = (r, method, k, tau, alpha, targets, PREFIX)
         if "transform" in ops:
             add("transform", name, (x, size, metric, None) + construction + ("mean", "cosine"), K)
         if "match" in ops:
             add("match", name, (metric, None, size) + construction + ("cosine",), K)
-    for name in ("transform k=1", "transform k=4"):
+    for name in ("spread k=1", "spread k=4"):
         method, k, tau, alpha, targets = CONSTRUCTIONS[name]
         if "apply" not in ops and "untransform" not in ops:
             break

@@ -129,16 +129,16 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
                          c10::string_view targets, int64_t prefix, c10::string_view cost) {
   Construction c{};
   c.method = parse_method(op, method);
-  const bool needs_metric = c.method == Method::Tome || c.method == Method::Transform;
+  const bool needs_metric = c.method == Method::Tome || c.method == Method::Spread;
   TORCH_CHECK_VALUE(!needs_metric || metric.has_value(), op, ": method '", std::string(method),
                     "' needs `metric`");
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0 && alpha <= 1, op,
                     ": `alpha` must lie in [0, 1], got ", alpha);
-  c.alpha = c.method == Method::Transform ? alpha : 0.0;
+  c.alpha = c.method == Method::Spread ? alpha : 0.0;
   const bool needs_score = c.method == Method::Prune || c.method == Method::Evit ||
-                           (c.method == Method::Transform && alpha > 0);
+                           (c.method == Method::Spread && alpha > 0);
   TORCH_CHECK_VALUE(!needs_score || score.has_value(), op, ": method '", std::string(method),
-                    "'", (c.method == Method::Transform ? " with alpha > 0" : ""),
+                    "'", (c.method == Method::Spread ? " with alpha > 0" : ""),
                     " needs `score`");
   TORCH_CHECK_VALUE(metric.has_value() || score.has_value(), op, ": give `metric` or `score`");
   const at::Tensor& ref = metric.has_value() ? *metric : *score;
@@ -166,8 +166,8 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   TORCH_CHECK_VALUE(prefix >= 0 && prefix <= n, op, ": `prefix` must lie in [0, N = ", n,
                     "], got ", prefix);
   c.prefix = prefix;
-  TORCH_CHECK_VALUE(c.method == Method::Transform || k == 1, op,
-                    ": `k` applies only to method 'transform'; got k = ", k, " with '",
+  TORCH_CHECK_VALUE(c.method == Method::Spread || k == 1, op,
+                    ": `k` applies only to method 'spread'; got k = ", k, " with '",
                     std::string(method), "'");
   TORCH_CHECK_VALUE(k >= 1 && k <= std::max<int64_t>(n, 1), op, ": `k` must lie in [1, N = ", n,
                     "], got ", k);
@@ -179,8 +179,8 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   c.targets_b = targets == "b";
   TORCH_CHECK_VALUE(cost == "cosine" || cost == "ward", op,
                     ": `cost` must be 'cosine' or 'ward', got '", std::string(cost), "'");
-  TORCH_CHECK_VALUE(c.method == Method::Transform || cost == "cosine", op,
-                    ": `cost` applies only to method 'transform'; got '", std::string(cost),
+  TORCH_CHECK_VALUE(c.method == Method::Spread || cost == "cosine", op,
+                    ": `cost` applies only to method 'spread'; got '", std::string(cost),
                     "' with '", std::string(method), "'");
   c.ward = cost == "ward";
   // Largest r each construction can honour with static shapes (N' = N - r), and why.

@@ -14,7 +14,7 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(tt, m) {
   m.def(
       "match(Tensor? metric, Tensor? score=None, Tensor? size=None, int r=0, "
-      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "str method=\"spread\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
       "int prefix=1, str cost=\"cosine\") -> (Tensor dst, Tensor weight)");
   m.def(
       "apply(Tensor x, Tensor size, Tensor dst, Tensor weight, int n_out, str mode=\"mean\") "
@@ -22,7 +22,7 @@ TORCH_LIBRARY(tt, m) {
   m.def("untransform(Tensor y, Tensor dst, Tensor weight) -> Tensor");
   m.def(
       "transform(Tensor x, Tensor size, Tensor? metric, Tensor? score=None, int r=0, "
-      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "str method=\"spread\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
       "int prefix=1, str mode=\"mean\", str cost=\"cosine\") "
       "-> (Tensor x_out, Tensor size_out, Tensor dst, Tensor weight)");
   m.def("cls_attention(Tensor q, Tensor k, Tensor? size=None, float? scale=None) -> Tensor");
@@ -33,13 +33,13 @@ TORCH_LIBRARY(tt, m) {
 TORCH_LIBRARY_FRAGMENT(tt, m) {
   m.def(
       "check_match(Tensor? metric, Tensor? score=None, Tensor? size=None, int r=0, "
-      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "str method=\"spread\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
       "int prefix=1, str cost=\"cosine\") -> ()");
   m.def("check_apply(Tensor x, Tensor size, Tensor dst, Tensor weight, int n_out, str mode) -> ()");
   m.def("check_untransform(Tensor y, Tensor dst, Tensor weight) -> ()");
   m.def(
       "check_transform(Tensor x, Tensor size, Tensor? metric, Tensor? score=None, int r=0, "
-      "str method=\"transform\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
+      "str method=\"spread\", int k=1, float tau=0.1, float alpha=0.0, str targets=\"all\", "
       "int prefix=1, str mode=\"mean\", str cost=\"cosine\") -> ()");
   m.def("check_cls_attention(Tensor q, Tensor k, Tensor? size=None, float? scale=None) -> ()");
 }

@@ -19,7 +19,7 @@
 
 namespace tt {
 
-enum class Method { Prune, Evit, Tome, Transform };
+enum class Method { Prune, Evit, Tome, Spread };
 
 // How apply combines what an output row receives: plain sum (T X), size-weighted mean, or that
 // mean rescaled to the size-weighted mean of its inputs' norms.
@@ -29,8 +29,8 @@ inline Method parse_method(const char* op, c10::string_view method) {
   if (method == "prune") return Method::Prune;
   if (method == "evit") return Method::Evit;
   if (method == "tome") return Method::Tome;
-  if (method == "transform") return Method::Transform;
-  TORCH_CHECK_VALUE(false, op, ": `method` must be one of prune, evit, tome, transform, got '",
+  if (method == "spread") return Method::Spread;
+  TORCH_CHECK_VALUE(false, op, ": `method` must be one of prune, evit, tome, spread, got '",
                     std::string(method), "'");
 }
 
@@ -80,7 +80,7 @@ struct Construction {
   double tau, alpha;
   bool targets_b;  // targets restricted to ToMe's B set
   bool ward;       // affinity = -Ward's merge cost instead of the cosine
-  int64_t slots() const { return method == Method::Transform ? k : 1; }
+  int64_t slots() const { return method == Method::Spread ? k : 1; }
   bool by_importance() const {
     return method == Method::Prune || method == Method::Evit || alpha == 1.0;
   }

@@ -104,7 +104,7 @@ if notop and top is not None:
     assert not any(real(top.origin).startswith(real(d) + os.sep) for d in (where, copy)), \
         f"our triton_kernels is importable as a top-level package: {top.origin}"
 x, metric, size = torch.randn(2, 17, 8), torch.randn(2, 17, 4), torch.ones(2, 17)
-x_out, size_out, dst, weight = torch.ops.tt.transform(x, size, metric, None, 4, "transform")
+x_out, size_out, dst, weight = torch.ops.tt.transform(x, size, metric, None, 4, "spread")
 assert x_out.shape == (2, 13, 8) and torch.allclose(size_out.sum(1), size.sum(1))
 print(f"import ok: {os.path.dirname(tt_kernels.__file__)}, {os.path.dirname(tk.__file__)}; "
       f"top-level triton_kernels: {top.origin if top else 'none'}")

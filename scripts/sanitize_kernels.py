@@ -17,7 +17,7 @@ from the arithmetic, near ties judged against the float64 reference), so no refe
 under the sanitizer.
 
 Covered, for the Triton kernels and the compiled torch.ops.tt kernels (all five ops): match and
-transform for every construction (prune, evit, tome, transform with k 1/2/4, targets all/b, removal
+transform for every construction (prune, evit, tome, spread with k 1/2/4, targets all/b, removal
 by redundancy, mix and importance; cosine and Ward costs), r = 0, small and the largest r; apply
 (mean, sum, norm; K 1 and 4; x contiguous and strided) and untransform; cls_attention with and
 without sizes; fp32, fp16, bf16; token counts that are not powers of two, channel counts that are
@@ -87,9 +87,9 @@ CONSTRUCTIONS = [
     ("prune", 1, 0.0, "all", "cosine", "mean"),
     ("evit", 1, 0.0, "all", "cosine", "sum"),
     ("tome", 1, 0.0, "all", "cosine", "mean"),
-    ("transform", 1, 0.0, "b", "ward", "norm"),
-    ("transform", 4, 0.5, "b", "cosine", "mean"),
-    ("transform", 2, 1.0, "all", "ward", "sum"),
+    ("spread", 1, 0.0, "b", "ward", "norm"),
+    ("spread", 4, 0.5, "b", "cosine", "mean"),
+    ("spread", 2, 1.0, "all", "ward", "sum"),
 ]
 # (B, N, C, D, H, prefix, dtype): N not a power of two, C not a multiple of 16, several prefixes.
 SHAPES = [(2, 17, 40, 16, 2, 1, torch.float32), (1, 70, 24, 16, 3, 2, torch.float16),
@@ -143,7 +143,7 @@ def implementations(op):
 
 
 def max_r(method, n, prefix, alpha):
-    return tt_kernels.max_r(method, n, prefix, by_importance=method == "transform" and alpha == 1)
+    return tt_kernels.max_r(method, n, prefix, by_importance=method == "spread" and alpha == 1)
 
 
 def run_steps(runner, shape, constructions, r_kinds):
@@ -174,7 +174,7 @@ def run_all(runner, quick):
         x_strided = torch.stack([t["x"], torch.zeros_like(t["x"])], dim=-1)[..., 0]
         for k in (1, 4):
             r = min(4, (N - prefix) // 2)
-            dst, weight = reference.match(t["metric"], None, None, r, "transform", k=k,
+            dst, weight = reference.match(t["metric"], None, None, r, "spread", k=k,
                                           prefix=prefix)
             for mode in ("mean", "sum", "norm"):
                 for backend, fn in implementations("apply"):
@@ -191,7 +191,7 @@ def run_all(runner, quick):
                 runner.case(f"{backend} cls_attention {tag} size={'yes' if size is not None else 'no'}",
                             "cls_attention", fn, (t["q"], t["k"], size, None))
     if not quick:
-        run_steps(runner, LARGE, [("transform", 2, 0.0, "all", "ward", "norm")], ("top",))
+        run_steps(runner, LARGE, [("spread", 2, 0.0, "all", "ward", "norm")], ("top",))
 
 
 def main():

@@ -79,15 +79,15 @@ SIZE_TOL = sum_tol(257)
 
 
 def construction_kwargs(method, k=1, alpha=0.0, targets="all", tau=0.1, cost="cosine"):
-    """The keyword arguments of a construction; only transform takes k/alpha/targets/tau/cost."""
-    if method != "transform":
+    """The keyword arguments of a construction; only spread takes k/alpha/targets/tau/cost."""
+    if method != "spread":
         return {}
     return dict(k=k, tau=tau, alpha=alpha, targets=targets, cost=cost)
 
 
 def r_for(kind, method, n, prefix, alpha=0.0):
     """r from 0, 1 or "max" (the largest r the construction accepts, from tt_kernels.max_r)."""
-    r_max = tt_kernels.max_r(method, n, prefix, by_importance=method == "transform" and alpha == 1)
+    r_max = tt_kernels.max_r(method, n, prefix, by_importance=method == "spread" and alpha == 1)
     return min(kind, r_max) if kind != "max" else r_max
 
 
@@ -150,14 +150,14 @@ def host_ops(rows=32, stage=True, packed=True, threads=0, key_parts=0):
     from key_parts blocks an image first (0: in the image's own block), as small batches run."""
     host = cuda_kernels_on_host()
 
-    def transform(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+    def transform(x, size, metric, score=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
                   targets="all", prefix=1, mode="mean", cost="cosine"):
         args = (r, method, k, tau, alpha, targets, prefix, mode, cost)
         ops.check_transform(x, size, metric, score, *args)
         return tuple(host.transform(x, size, metric, score, *args, rows, stage, packed, threads,
                                     0, key_parts))
 
-    def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+    def match(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
               targets="all", prefix=1, cost="cosine"):
         args = (r, method, k, tau, alpha, targets, prefix)
         ops.check_match(metric, score, size, *args, cost)

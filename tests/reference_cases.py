@@ -19,15 +19,15 @@ CONSTRUCTIONS = [
     ("prune", 1, 0.0, "all"),
     ("evit", 1, 0.0, "all"),
     ("tome", 1, 0.0, "all"),
-    ("transform", 1, 0.0, "all"),
-    ("transform", 1, 0.5, "b"),
-    ("transform", 1, 1.0, "all"),
-    ("transform", 2, 0.0, "b"),
-    ("transform", 2, 0.5, "all"),
-    ("transform", 2, 1.0, "b"),
-    ("transform", 4, 0.0, "all"),
-    ("transform", 4, 0.5, "b"),
-    ("transform", 4, 1.0, "all"),
+    ("spread", 1, 0.0, "all"),
+    ("spread", 1, 0.5, "b"),
+    ("spread", 1, 1.0, "all"),
+    ("spread", 2, 0.0, "b"),
+    ("spread", 2, 0.5, "all"),
+    ("spread", 2, 1.0, "b"),
+    ("spread", 4, 0.0, "all"),
+    ("spread", 4, 0.5, "b"),
+    ("spread", 4, 1.0, "all"),
 ]
 R_KINDS = [0, 1, "max"]
 # The r kind at which the Triton backend also runs each construction without a GPU (`interpreted`):
@@ -79,12 +79,12 @@ def _cases():
             r = r_for(r_kind, method, N, prefix, alpha)
             r = min(r, N - 1)  # N' = 0 (prefix 0, everything pruned) has its own test
             mode = ("mean", "sum", "norm")[n % 3]
-            cost = ("cosine", "ward")[(n // 3) % 2] if method == "transform" else "cosine"
+            cost = ("cosine", "ward")[(n // 3) % 2] if method == "spread" else "cosine"
             case = dict(method=method, k=k, alpha=alpha, targets=targets, r=r, dtype=dtype, B=B,
                         N=N, prefix=prefix, duplicates=dup, mode=mode, cost=cost, seed=n)
             while not _clear_of_near_ties(case):  # other random tokens, a seed no case uses
                 case["seed"] += len(CONSTRUCTIONS) * len(R_KINDS)
-            name = (f"{method}" + (f"-k{k}-a{alpha}-{targets}-{cost}" if method == "transform"
+            name = (f"{method}" + (f"-k{k}-a{alpha}-{targets}-{cost}" if method == "spread"
                                    else "")
                     + f"-{mode}"
                     + f"-r{r}-{str(dtype)[6:]}-B{B}-N{N}-P{prefix}" + ("-dup" if dup else ""))

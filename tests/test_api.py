@@ -11,10 +11,10 @@ from tt_kernels.measure import vit_tokens
 # (method, keywords of the API): every source of removal, k and targets
 CONSTRUCTIONS = [
     ("prune", {}), ("evit", {}), ("tome", {}),
-    ("transform", dict(k=1)),
-    ("transform", dict(k=2, source="mix", targets="b")),
-    ("transform", dict(k=4, source="importance", tau=0.5)),
-    ("transform", dict(k=2, source="mix", alpha=0.25)),
+    ("spread", dict(k=1)),
+    ("spread", dict(k=2, source="mix", targets="b")),
+    ("spread", dict(k=4, source="importance", tau=0.5)),
+    ("spread", dict(k=2, source="mix", alpha=0.25)),
 ]
 IDS = [m + "".join(f"-{k}{v}" for k, v in kw.items()) for m, kw in CONSTRUCTIONS]
 
@@ -95,7 +95,7 @@ def test_default_backend_on_cpu_is_the_cpp_one():
 
 def test_transform_is_match_then_apply():
     t = _tokens(seed=2)
-    kw = dict(score=t["score"], size=t["size"], method="transform", k=2, source="mix")
+    kw = dict(score=t["score"], size=t["size"], method="spread", k=2, source="mix")
     x_out, size_out, T = tt_kernels.transform(t["x"], t["metric"], 60, **kw)
     T2 = tt_kernels.match(t["metric"], 60, **kw)
     _assert_same_T(T2, T)
@@ -108,8 +108,8 @@ def test_restore_through_three_steps(backend):
     """Three reductions with different constructions; restore brings y back to the N0 tokens."""
     t = _tokens(B=2, N=197, seed=4)
     x, size, steps = t["x"], t["size"], []
-    for r, method, kw in [(40, "tome", {}), (30, "transform", dict(k=2)),
-                          (20, "transform", dict(k=4, source="mix"))]:
+    for r, method, kw in [(40, "tome", {}), (30, "spread", dict(k=2)),
+                          (20, "spread", dict(k=4, source="mix"))]:
         metric = x[..., :16] + 0.1 * t["metric"][:, : x.shape[1]]
         score = t["score"][:, : x.shape[1]]
         x, size, T = tt_kernels.transform(x, metric, r, size=size, score=score, method=method,
@@ -149,7 +149,7 @@ def test_restore_returns_kept_tokens_exactly(method, kw, backend):
 def test_transform_dataclass():
     t = _tokens()
     T = tt_kernels.match(t["metric"], 12, k=2)
-    assert isinstance(T, tt_kernels.Transform)
+    assert isinstance(T, tt_kernels.SparseT)
     assert (T.n_in, T.n_out) == (197, 185)
     assert T.dst.shape == T.weight.shape == (3, 197, 2)
 
@@ -176,7 +176,7 @@ def test_triton_backend_has_the_gradients_of_the_ops(mode):
     g = torch.Generator().manual_seed(7)
     up, up_full, y = (torch.randn(2, n, 24, generator=g).to(TRITON_DEVICE) for n in (25, 33, 25))
     ops = torch.ops.tt
-    construction = (8, "transform", 1, 0.1, 0.0, "all", 1)  # r, method, k, tau, alpha, ..., prefix
+    construction = (8, "spread", 1, 0.1, 0.0, "all", 1)  # r, method, k, tau, alpha, ..., prefix
 
     def grad(fn, leaf, upstream):
         leaf = leaf.detach().clone().requires_grad_()

@@ -15,9 +15,9 @@ CASES = [
     ("prune", {}, "max", 2, 17, 1),
     ("evit", {}, 1, 3, 197, 1),
     ("tome", {}, "max", 2, 197, 2),
-    ("transform", dict(k=1), 1, 1, 17, 0),
-    ("transform", dict(k=4, alpha=0.5, targets="b"), "max", 3, 197, 1),
-    ("transform", dict(k=2, alpha=1.0, targets="b"), "max", 2, 17, 5),
+    ("spread", dict(k=1), 1, 1, 17, 0),
+    ("spread", dict(k=4, alpha=0.5, targets="b"), "max", 3, 197, 1),
+    ("spread", dict(k=2, alpha=1.0, targets="b"), "max", 2, 17, 5),
 ]
 IDS = [f"{m}-{'-'.join(f'{k}{v}' for k, v in c.items())}-r{r}-B{b}-N{n}-P{p}"
        for m, c, r, b, n, p in CASES]
@@ -90,7 +90,7 @@ def test_gradient_flows_through_successive_steps():
     t = make_tokens(2, 197, seed=11)
 
     def chain(step, untransform, x):
-        x1, s1, d1, w1 = step(x, t["size"], t["metric"], t["score"], 30, "transform", k=2)
+        x1, s1, d1, w1 = step(x, t["size"], t["metric"], t["score"], 30, "spread", k=2)
         x2, _, d2, w2 = step(x1, s1, t["metric"][:, :167], None, 40, "tome")
         return untransform(untransform(x2.tanh(), d2, w2), d1, w1)
 

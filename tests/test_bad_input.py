@@ -17,19 +17,19 @@ class Inputs:
     def __init__(self):
         t = make_tokens(B, N, C=8, D=4)
         self.x, self.size, self.metric, self.score = t["x"], t["size"], t["metric"], t["score"]
-        self.dst, self.weight = ops.match(self.metric, self.score, self.size, R, "transform", k=2)
+        self.dst, self.weight = ops.match(self.metric, self.score, self.size, R, "spread", k=2)
         self.y = torch.randn(B, N - R, 8)
         self.q = torch.randn(B, 3, N, 8)
         self.k = torch.randn(B, 3, N, 8)
 
     def match(self, **kw):
-        args = dict(metric=self.metric, score=self.score, size=self.size, r=R, method="transform")
+        args = dict(metric=self.metric, score=self.score, size=self.size, r=R, method="spread")
         args.update(kw)
         return ops.match(args.pop("metric"), args.pop("score"), args.pop("size"), **args)
 
     def transform(self, **kw):
         args = dict(x=self.x, size=self.size, metric=self.metric, score=self.score, r=R,
-                    method="transform")
+                    method="spread")
         args.update(kw)
         return ops.transform(args.pop("x"), args.pop("size"), args.pop("metric"),
                              args.pop("score"), **args)
@@ -182,13 +182,13 @@ def test_op_rejects(good, call, arg):
 
 
 @pytest.mark.parametrize("method,alpha", [("prune", 0.0), ("evit", 0.0), ("tome", 0.0),
-                                          ("transform", 0.5), ("transform", 1.0)])
+                                          ("spread", 0.5), ("spread", 1.0)])
 @pytest.mark.parametrize("n,prefix", [(17, 0), (18, 1), (17, 2), (18, 5)])
 def test_r_range_is_max_r(method, alpha, n, prefix):
     """tt_kernels.max_r is exactly the largest r the op accepts."""
     t = make_tokens(1, n)
-    r_max = tt_kernels.max_r(method, n, prefix, by_importance=method == "transform" and alpha == 1)
-    args = dict(method=method, prefix=prefix, alpha=alpha) if method == "transform" else dict(
+    r_max = tt_kernels.max_r(method, n, prefix, by_importance=method == "spread" and alpha == 1)
+    args = dict(method=method, prefix=prefix, alpha=alpha) if method == "spread" else dict(
         method=method, prefix=prefix)
     dst, _ = ops.match(t["metric"], t["score"], None, r_max, **args)
     assert dst.shape == (1, n, 1)

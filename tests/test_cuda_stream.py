@@ -13,11 +13,11 @@ ops = torch.ops.tt
 def _calls():
     """op name -> (function of CUDA tensors, those tensors)."""
     t = {k: v.cuda() for k, v in make_tokens(4, 197, C=96, D=16, dtype=torch.bfloat16).items()}
-    dst, weight = ops.match(t["metric"], t["score"], t["size"], 16, "transform", k=4, alpha=0.5)
+    dst, weight = ops.match(t["metric"], t["score"], t["size"], 16, "spread", k=4, alpha=0.5)
     q = torch.randn(4, 6, 197, 64, device="cuda", dtype=torch.bfloat16)
     return {
         "transform": (lambda x, size, metric, score: ops.transform(
-            x, size, metric, score, 16, "transform", k=1, targets="b", mode="norm", cost="ward"),
+            x, size, metric, score, 16, "spread", k=1, targets="b", mode="norm", cost="ward"),
             (t["x"], t["size"], t["metric"], t["score"])),
         "match": (lambda metric, score, size: ops.match(metric, score, size, 16, "tome"),
                   (t["metric"], t["score"], t["size"])),

@@ -62,10 +62,10 @@ def test_correlation_of_maps():
 
 def test_token_owner_follows_the_largest_share(tmp_path):
     # step 1: 5 tokens -> 3 (token 2 pruned, token 4 split 0.3 / 0.7 into rows 1 and 2)
-    T1 = tt_kernels.Transform(torch.tensor([[[0, 0], [1, 0], [0, 0], [2, 0], [1, 2]]]),
+    T1 = tt_kernels.SparseT(torch.tensor([[[0, 0], [1, 0], [0, 0], [2, 0], [1, 2]]]),
                               torch.tensor([[[1., 0], [1, 0], [0, 0], [1, 0], [.3, .7]]]), 3)
     # step 2: 3 tokens -> 2 (row 2 merges into row 1)
-    T2 = tt_kernels.Transform(torch.tensor([[[0], [1], [1]]]), torch.ones(1, 3, 1), 2)
+    T2 = tt_kernels.SparseT(torch.tensor([[[0], [1], [1]]]), torch.ones(1, 3, 1), 2)
     assert token_owner([T1, T2], 5, 1).tolist() == [[0, 1, -1, 1, 1]]
     image = torch.rand(3, 8, 8)
     path = save_token_maps(tmp_path / "tokens.png", image[None], [T1, T2], prefix=1, grid=(2, 2),

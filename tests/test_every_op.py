@@ -10,7 +10,7 @@ from tt_kernels import reference
 from tt_kernels.ops import ops
 
 EDGE_CONSTRUCTIONS = [("prune", 1, 0.0, "all"), ("evit", 1, 0.0, "all"), ("tome", 1, 0.0, "all"),
-                      ("transform", 2, 0.5, "all"), ("transform", 4, 1.0, "b")]
+                      ("spread", 2, 0.5, "all"), ("spread", 4, 1.0, "b")]
 
 
 def _empty_batch(method, k, alpha, targets):
@@ -49,16 +49,16 @@ def test_empty_batch_reference(method, k, alpha, targets):
 def _op_calls(dtype, tt=ops):
     """Each op with its tensor arguments (positional) and the rest (keywords)."""
     t = make_tokens(3, 197, dtype=dtype, seed=7, duplicates=True)
-    dst, weight = ops.match(t["metric"], t["score"], t["size"], 40, "transform", k=4, alpha=0.5)
+    dst, weight = ops.match(t["metric"], t["score"], t["size"], 40, "spread", k=4, alpha=0.5)
     y = torch.randn(3, 157, 24).to(dtype)
     q = torch.randn(3, 4, 197, 16).to(dtype)
     kk = torch.randn(3, 4, 197, 16).to(dtype)
     return {
         "match": (tt.match, (t["metric"], t["score"], t["size"]),
-                  dict(r=40, method="transform", k=4, alpha=0.5)),
+                  dict(r=40, method="spread", k=4, alpha=0.5)),
         "match_evit": (tt.match, (t["metric"], t["score"], t["size"]), dict(r=40, method="evit")),
         "transform": (tt.transform, (t["x"], t["size"], t["metric"], t["score"]),
-                      dict(r=40, method="transform", k=2, alpha=0.5, targets="b")),
+                      dict(r=40, method="spread", k=2, alpha=0.5, targets="b")),
         "apply": (tt.apply, (t["x"], t["size"], dst, weight), dict(n_out=157)),
         "untransform": (tt.untransform, (y, dst, weight), {}),
         "cls_attention": (tt.cls_attention, (q, kk, t["size"]), {}),
@@ -115,7 +115,7 @@ def test_mixed_dtypes(tt, x_dtype, metric_dtype):
     """Each of x, metric, q and k in its own dtype; results in x's (scores in fp32)."""
     t = make_tokens(3, 197, seed=11)
     x, metric = t["x"].to(x_dtype), t["metric"].to(metric_dtype)
-    args = dict(r=40, method="transform", k=2, alpha=0.5, targets="b", cost="ward")
+    args = dict(r=40, method="spread", k=2, alpha=0.5, targets="b", cost="ward")
     got = tt.transform(x, t["size"], metric, t["score"], mode="norm", **args)
     assert_step(got, x, t["size"], metric, t["score"], args, "norm")
     g = torch.Generator().manual_seed(3)

@@ -15,7 +15,7 @@ def test_match(tt, case):
 
 
 @pytest.mark.interpreted
-@pytest.mark.parametrize("method,alpha", [("prune", 0.0), ("transform", 1.0)])
+@pytest.mark.parametrize("method,alpha", [("prune", 0.0), ("spread", 1.0)])
 def test_remove_every_token_is_rejected(tt, method, alpha):
     """prefix 0 and r = N would leave T without an output row: at least one token remains."""
     t = make_tokens(2, 17)

@@ -13,14 +13,14 @@ def _calls(dtype):
     """name -> (op, args, kwargs); x and y require grad where the op is differentiable."""
     t = make_tokens(B, N, dtype=dtype, duplicates=True)
     x = t["x"].requires_grad_()
-    dst, weight = ops.match(t["metric"], t["score"], t["size"], R, "transform", k=2)
+    dst, weight = ops.match(t["metric"], t["score"], t["size"], R, "spread", k=2)
     y = torch.randn(B, N - R, 24, dtype=dtype, requires_grad=True)
     q = torch.randn(B, 3, N, 8, dtype=dtype)
     k = torch.randn(B, 3, N, 8, dtype=dtype)
     m, s, size = t["metric"], t["score"], t["size"]
     return {
         "match_transform": (ops.match, (m, s, size),
-                            dict(r=R, method="transform", k=2, alpha=0.5, targets="b")),
+                            dict(r=R, method="spread", k=2, alpha=0.5, targets="b")),
         "match_prune_score_only": (ops.match, (None, s), dict(r=R, method="prune")),
         "match_evit": (ops.match, (m, s, size), dict(r=R, method="evit")),
         "match_tome": (ops.match, (m,), dict(r=R, method="tome")),
@@ -29,10 +29,10 @@ def _calls(dtype):
         "apply_norm": (ops.apply, (x, size, dst, weight, N - R, "norm"), {}),
         "untransform": (ops.untransform, (y, dst, weight), {}),
         "transform": (ops.transform, (x, size, m, s),
-                      dict(r=R, method="transform", k=4, alpha=0.5)),
+                      dict(r=R, method="spread", k=4, alpha=0.5)),
         "transform_tome_sum": (ops.transform, (x, size, m), dict(r=R, method="tome", mode="sum")),
         "transform_ward_norm": (ops.transform, (x, size, m),
-                                dict(r=R, method="transform", mode="norm", cost="ward")),
+                                dict(r=R, method="spread", mode="norm", cost="ward")),
         "transform_prune": (ops.transform, (x, size, m, s), dict(r=R, method="prune")),
         "cls_attention": (ops.cls_attention, (q, k, size), {}),
         "cls_attention_scale": (ops.cls_attention, (q, k), dict(scale=0.25)),
@@ -62,7 +62,7 @@ def test_input_gradient_has_input_dtype(dtype):
 
 
 def _reduce_then_restore(x, size, metric, score):
-    x_out, size_out, dst, weight = ops.transform(x, size, metric, score, 16, "transform", 2, 0.1,
+    x_out, size_out, dst, weight = ops.transform(x, size, metric, score, 16, "spread", 2, 0.1,
                                                  0.5, "all", 1, "mean")
     return ops.untransform(torch.tanh(x_out) * size_out[..., None], dst, weight), size_out
 

@@ -15,7 +15,7 @@ N0 = 65  # 8 x 8 patches and the class token
 
 # (bad setting, what the message must say): each names its argument and what is allowed.
 BAD = [
-    (dict(method="foo"), r"`method` must be one of prune, evit, tome, transform, got 'foo'"),
+    (dict(method="foo"), r"`method` must be one of prune, evit, tome, spread, got 'foo'"),
     (dict(k=0), r"`k` must lie in \[1, N = 65\], got 0"),
     (dict(k=2.0), r"`k` must be an integer, got 2.0"),
     (dict(k=True), r"`k` must be an integer, got True"),
@@ -37,7 +37,7 @@ BAD = [
     (dict(flops=float("nan")), r"`flops` must be a number in \(0, 1\].*, got nan"),
     (dict(flops=True), r"`flops` must be a number in \(0, 1\].*, got True"),
     (dict(flops=0.05), r"`flops` must be at least 0\.\d{1,4}, the lowest fraction this model "
-                       r"reaches with 65 tokens and method 'transform'.*, got 0.05"),
+                       r"reaches with 65 tokens and method 'spread'.*, got 0.05"),
 ]
 R_RULE = (r"`r` must be an integer >= 0 \(tokens removed in every block\), a list or tuple of 4 "
           r"of them \(one per block\) or a dict \{block index in \[0, 4\): integer >= 0\}, got ")
@@ -92,7 +92,7 @@ def test_flops_below_reach_names_the_lowest_fraction():
     # capped at each block), rounded up to the 4 decimals of the message
     full = tt_kernels.vit_flops(model, N0, [0] * 4)
     tr = TokenReduction()
-    most = tt_kernels.vit_flops(model, N0, [N0] * 3 + [0], 1, False, "transform",
+    most = tt_kernels.vit_flops(model, N0, [N0] * 3 + [0], 1, False, "spread",
                                 tr.metric_dim(model))
     assert lowest == math.ceil(most / full * 1e4) / 1e4
     assert 0.2 < lowest < 0.6

@@ -11,7 +11,7 @@ import tt_kernels
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 N0 = 65  # 8 x 8 patches and the class token
-METHODS = {"transform": dict(r=6), "transform-k2-mix": dict(r=6, k=2, source="mix"),
+METHODS = {"spread": dict(r=6), "spread-k2-mix": dict(r=6, k=2, source="mix"),
            "tome": dict(r=6, method="tome"), "prune": dict(r=6, method="prune"),
            "evit": dict(r=5, method="evit")}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

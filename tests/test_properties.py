@@ -25,9 +25,9 @@ def step(request):
 # removal is by importance and can take every token; r = max_r // 2 leaves targets to merge into.
 CONSERVING = [
     ("evit", {}, "max"), ("tome", {}, "max"),
-    ("transform", dict(k=1), "max"), ("transform", dict(k=2, alpha=0.5, targets="b"), "max"),
-    ("transform", dict(k=4, targets="b"), 1), ("transform", dict(k=4, alpha=1.0), "half"),
-    ("transform", dict(k=2, alpha=1.0, targets="b"), "half"),
+    ("spread", dict(k=1), "max"), ("spread", dict(k=2, alpha=0.5, targets="b"), "max"),
+    ("spread", dict(k=4, targets="b"), 1), ("spread", dict(k=4, alpha=1.0), "half"),
+    ("spread", dict(k=2, alpha=1.0, targets="b"), "half"),
 ]
 
 
@@ -71,8 +71,8 @@ def _kept(method, dst, weight, n_out, prefix):
 
 
 @pytest.mark.parametrize("method,construction,r", [
-    ("prune", {}, 50), ("evit", {}, 50), ("tome", {}, 98), ("transform", dict(k=2), 98),
-    ("transform", dict(k=4, alpha=1.0, targets="b"), 120),
+    ("prune", {}, 50), ("evit", {}, 50), ("tome", {}, 98), ("spread", dict(k=2), 98),
+    ("spread", dict(k=4, alpha=1.0, targets="b"), 120),
 ])
 @pytest.mark.parametrize("prefix", [0, 1, 5])
 def test_output_order_prefix_then_kept_ascending(step, method, construction, r, prefix):
@@ -102,15 +102,15 @@ def test_transform_k1_targets_b_is_tome(step, seed, B, N, prefix, duplicates):
     t = make_tokens(B, N, seed=seed, duplicates=duplicates)
     r = r_for("max", "tome", N, prefix) - seed  # a few r, up to the cap
     tome = step(t, r, "tome", prefix)
-    spread = step(t, r, "transform", prefix, k=1, alpha=0.0, targets="b")
+    spread = step(t, r, "spread", prefix, k=1, alpha=0.0, targets="b")
     assert torch.equal(spread[2], tome[2])
     assert torch.equal(spread[3], tome[3])
     assert torch.equal(spread[0], tome[0]) and torch.equal(spread[1], tome[1])
 
 
 IDENTITY_CONSTRUCTIONS = [
-    ("prune", {}), ("evit", {}), ("tome", {}), ("transform", dict(k=1)),
-    ("transform", dict(k=4, alpha=0.5, targets="b")), ("transform", dict(k=2, alpha=1.0)),
+    ("prune", {}), ("evit", {}), ("tome", {}), ("spread", dict(k=1)),
+    ("spread", dict(k=4, alpha=0.5, targets="b")), ("spread", dict(k=2, alpha=1.0)),
 ]
 
 
@@ -126,7 +126,7 @@ def test_r0_is_identity(step, method, construction, dtype, mode):
     assert (weight[..., 0] == 1).all() and (weight[..., 1:] == 0).all()
 
 
-@pytest.mark.parametrize("method", ["prune", "tome", "transform"])
+@pytest.mark.parametrize("method", ["prune", "tome", "spread"])
 def test_r0_is_identity_with_sizes(step, method):
     """Non-unit sizes: x * size / size rounds twice: (1 + u)^2 - 1 < 3 u of x."""
     t = make_tokens(2, 197, seed=5)
@@ -174,8 +174,8 @@ def _expected_ties(method, construction):
 
 
 @pytest.mark.parametrize("method,construction", [
-    ("prune", {}), ("evit", {}), ("tome", {}), ("transform", dict(k=1)),
-    ("transform", dict(k=2)), ("transform", dict(k=1, alpha=1.0, targets="b")),
+    ("prune", {}), ("evit", {}), ("tome", {}), ("spread", dict(k=1)),
+    ("spread", dict(k=2)), ("spread", dict(k=1, alpha=1.0, targets="b")),
 ])
 def test_ties_go_to_the_lower_index(step, method, construction):
     t = _tied_tokens()

@@ -8,7 +8,7 @@ import torch
 from conftest import cuda_kernels_on_host
 from tt_kernels import rules
 
-METHODS = ["prune", "evit", "tome", "transform"]
+METHODS = ["prune", "evit", "tome", "spread"]
 # Every small case (odd and even n and prefix, r up to n) and ViT token counts.
 TOKENS = [*range(0, 12), 196, 197, 257, 577]
 

@@ -26,7 +26,7 @@ def test_transform(tt, case):
 # left to merge into), or everything fused into evit's extra token.
 @pytest.mark.interpreted
 @pytest.mark.parametrize("method,k,alpha,prefix", [
-    ("prune", 1, 0.0, 1), ("evit", 1, 0.0, 0), ("transform", 2, 1.0, 1)])
+    ("prune", 1, 0.0, 1), ("evit", 1, 0.0, 0), ("spread", 2, 1.0, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_single_output_token(tt, method, k, alpha, prefix, dtype):
     N = 17
@@ -45,7 +45,7 @@ def test_single_output_token(tt, method, k, alpha, prefix, dtype):
 
 @pytest.mark.interpreted
 @pytest.mark.parametrize("method,k,alpha", [
-    ("prune", 1, 0.0), ("tome", 1, 0.0), ("transform", 2, 0.0), ("transform", 2, 0.5),
+    ("prune", 1, 0.0), ("tome", 1, 0.0), ("spread", 2, 0.0), ("spread", 2, 0.5),
 ])
 def test_prefix_covers_all_tokens(tt, method, k, alpha):
     """prefix = N: nothing may leave (r = 0); both sides return the identity."""
@@ -66,7 +66,7 @@ def test_channel_counts_off_the_vector_width(tt, D, C, dtype):
     x = torch.randn(2, 37, C, generator=g).to(dtype)
     metric = (torch.randn(2, 37, D, generator=g) + 2).to(dtype)
     size = torch.randint(1, 4, (2, 37), generator=g).float()
-    args = dict(r=9, method="transform", k=2, targets="b", cost="ward")
+    args = dict(r=9, method="spread", k=2, targets="b", cost="ward")
     got = tt.transform(x, size, metric, None, mode="norm", **args)
     assert_step(got, x, size, metric, None, args, "norm")
 
@@ -97,7 +97,7 @@ def test_vit_tokens_default_construction(tt, dtype):
     T equals the reference's but for rows at near ties (thousands here: real queries of one image
     are close), x_out its apply."""
     size = torch.ones(8, 197)
-    args = dict(r=16, method="transform", targets="b", cost="ward")
+    args = dict(r=16, method="spread", targets="b", cost="ward")
     for tokens, queries in _vit_tokens():
         x, metric = tokens.to(dtype), queries.to(dtype)
         got = tt.transform(x, size, metric, None, mode="norm", **args)
@@ -119,9 +119,9 @@ def test_cuda_shared_memory_plans(N, D, dtype):
     with canaries after the planned shared memory: the layout holds all it writes."""
     host = cuda_kernels_on_host()
     t = make_tokens(2, N, C=40, D=D, dtype=dtype, seed=N)
-    args = dict(r=N // 4, method="transform", k=2, tau=0.1, alpha=0.0, targets="all", prefix=1,
+    args = dict(r=N // 4, method="spread", k=2, tau=0.1, alpha=0.0, targets="all", prefix=1,
                 cost="ward")
-    got = host.transform(t["x"], t["size"], t["metric"], None, args["r"], "transform", 2, 0.1, 0.0,
+    got = host.transform(t["x"], t["size"], t["metric"], None, args["r"], "spread", 2, 0.1, 0.0,
                          "all", 1, "norm", "ward", 0, False, False, 0, HOPPER_SHARED)
     assert_step(got, t["x"], t["size"], t["metric"], None, args, "norm")
 
@@ -137,22 +137,22 @@ def test_cuda_largest_image():
     host = cuda_kernels_on_host()
     N, r = CUDA_MAX_TOKENS, CUDA_MAX_TOKENS // 8
     t = make_tokens(1, N, C=8, D=16, seed=3)
-    args = dict(r=r, method="transform", k=2, tau=0.1, alpha=0.0, targets="b", prefix=1,
+    args = dict(r=r, method="spread", k=2, tau=0.1, alpha=0.0, targets="b", prefix=1,
                 cost="cosine")
-    got = host.transform(t["x"], t["size"], t["metric"], None, r, "transform", 2, 0.1, 0.0, "b",
+    got = host.transform(t["x"], t["size"], t["metric"], None, r, "spread", 2, 0.1, 0.0, "b",
                          1, "mean", "cosine", 0, False, False, 0, HOPPER_SHARED)
     assert_step(got, t["x"], t["size"], t["metric"], None, args, "mean")
     N = HOPPER_SHARED // 28 + 1
     t = make_tokens(1, N, C=8, D=16, seed=4)
     with pytest.raises(RuntimeError, match=f"no plan fits {HOPPER_SHARED} bytes"):
-        host.transform(t["x"], t["size"], t["metric"], None, 1, "transform", 2, 0.1, 0.0, "b", 1,
+        host.transform(t["x"], t["size"], t["metric"], None, 1, "spread", 2, 0.1, 0.0, "b", 1,
                        "mean", "cosine", 0, False, False, 0, HOPPER_SHARED)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method,kwargs", [
-    ("transform", dict(k=1, targets="b", cost="ward", alpha=0.0)),  # patch()'s default
-    ("transform", dict(k=4, targets="all", cost="cosine", alpha=0.5)),
+    ("spread", dict(k=1, targets="b", cost="ward", alpha=0.0)),  # patch()'s default
+    ("spread", dict(k=4, targets="all", cost="cosine", alpha=0.5)),
     ("tome", {}),
 ])
 def test_small_batch_keys_split_changes_nothing(method, kwargs, dtype):

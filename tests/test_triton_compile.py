@@ -41,9 +41,9 @@ D = 64  # a head's width; the metric's width is a run-time loop bound, no conste
 TOKENS = (197, 257, 577, 1370)
 # The patch's default step (tt_kernels.patch: transform, k = 1, B targets, Ward, norm) in bf16,
 # and the heaviest construction (k = 4, alpha mix, Ward) in fp32, at each standard N.
-DEFAULT = dict(op="transform", method="transform", k=1, targets="b", cost="ward", mode="norm",
+DEFAULT = dict(op="transform", method="spread", k=1, targets="b", cost="ward", mode="norm",
                dtype="bfloat16")
-HEAVY = dict(op="transform", method="transform", k=4, alpha=0.5, targets="b", cost="ward",
+HEAVY = dict(op="transform", method="spread", k=4, alpha=0.5, targets="b", cost="ward",
              mode="mean", dtype="float32")
 
 # Every constexpr value the launchers can produce (METHOD, BY_IMPORTANCE, MIX, TARGETS_B, WARD,
@@ -55,11 +55,11 @@ CASES = [
     dict(op="match", N=197, method="prune", dtype="float32"),
     dict(op="match", N=197, method="evit", dtype="float32"),
     dict(op="match", N=197, method="tome", dtype="bfloat16"),
-    dict(op="match", N=197, method="transform", k=1, dtype="float16"),
+    dict(op="match", N=197, method="spread", k=1, dtype="float16"),
     dict(op="transform", N=197, method="prune", mode="sum", dtype="float16"),
     dict(op="transform", N=197, method="evit", mode="mean", dtype="bfloat16"),
     dict(op="transform", N=197, method="tome", mode="mean", dtype="float32"),
-    dict(op="transform", N=197, method="transform", k=2, alpha=1.0, cost="cosine", mode="sum",
+    dict(op="transform", N=197, method="spread", k=2, alpha=1.0, cost="cosine", mode="sum",
          dtype="float16"),
     dict(op="apply", N=197, k=1, C=768, mode="norm", dtype="float16"),
     dict(op="apply", N=197, k=2, C=1024, mode="mean", dtype="bfloat16"),

@@ -18,9 +18,9 @@ from ..rules import NORM_EPS as _NORM_EPS, SCORE_EPS as _SCORE_EPS, n_keep
 
 # Compile-time constants: Triton lets @jit code read a global only when it is a tl.constexpr (the
 # interpreter reads any global, so only a compile catches a plain int here).
-PRUNE, EVIT, TOME, TRANSFORM = (tl.constexpr(i) for i in range(4))
+PRUNE, EVIT, TOME, SPREAD = (tl.constexpr(i) for i in range(4))
 METHOD_IDS = {"prune": PRUNE.value, "evit": EVIT.value, "tome": TOME.value,
-              "transform": TRANSFORM.value}
+              "spread": SPREAD.value}
 NORM_EPS, SCORE_EPS = tl.constexpr(_NORM_EPS), tl.constexpr(_SCORE_EPS)
 
 
@@ -217,7 +217,7 @@ def match_kernel(metric_ptr, score_ptr, size_ptr, dst_ptr, weight_ptr,
         score_mass = tl.maximum(tl.sum(tl.where(fused, score_all * size_all, 0.0), axis=0), SCORE_EPS)
 
     # Phase 3: dst and weight, BM input tokens at a time.
-    if METHOD == TRANSFORM:
+    if METHOD == SPREAD:
         if BY_IMPORTANCE:
             first = 0
             step = 1
@@ -344,7 +344,7 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
     config = match_config(N)
-    transform = method == "transform"
+    transform = method == "spread"
     K = k if transform else 1
     alpha = float(alpha) if transform else 0.0  # as the C++ checks: transform only
     by_importance = method in ("prune", "evit") or alpha == 1
@@ -373,7 +373,7 @@ def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix,
     return dst, weight
 
 
-def match(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+def match(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
           targets="all", prefix=1, cost="cosine"):
     """tt.match on the Triton kernels."""
     torch.ops.tt.check_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)

@@ -3,11 +3,11 @@
 Every token reduction is an explicit sparse matrix T (N' x N) applied to the tokens, X' = T X.
 ``torch.ops.tt.*`` are the operators; the functions here are their Python entry points.
 """
-from .api import (Transform, apply, cls_attention, match, max_r, restore, transform,
+from .api import (SparseT, apply, cls_attention, match, max_r, restore, transform,
                   untransform)
 from .backends import build_info
 from .flops import vit_flops
 from .patch import patch, unpatch
 
-__all__ = ["Transform", "apply", "build_info", "cls_attention", "match", "max_r", "patch",
+__all__ = ["SparseT", "apply", "build_info", "cls_attention", "match", "max_r", "patch",
            "restore", "transform", "unpatch", "untransform", "vit_flops"]

@@ -11,7 +11,7 @@ SOURCES = {"redundancy": 0.0, "importance": 1.0, "mix": 0.5}
 
 
 @dataclass(frozen=True)
-class Transform:
+class SparseT:
     """One reduction step's sparse T, stored by input token.
 
     Input token j sends share ``weight[b, j, k]`` of itself to output row ``dst[b, j, k]``.
@@ -39,24 +39,24 @@ def removal_alpha(source, alpha):
     return float(alpha)
 
 
-def match(metric, r, *, score=None, size=None, method="transform", k=1, tau=0.1,
+def match(metric, r, *, score=None, size=None, method="spread", k=1, tau=0.1,
           source="redundancy", alpha=None, targets="all", prefix=1, cost="cosine", backend=None):
-    """Build T for removing r tokens; returns a Transform."""
+    """Build T for removing r tokens; returns a SparseT."""
     alpha = removal_alpha(source, alpha)
     ref = metric if metric is not None else score
     if ref is None:
         raise ValueError("tt.match: give `metric` or `score`")
     dst, weight = implementation("match", backend, ref.device)(
         metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)
-    return Transform(dst, weight, ref.shape[1] - r)
+    return SparseT(dst, weight, ref.shape[1] - r)
 
 
-def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, tau=0.1,
+def transform(x, metric, r, *, size=None, score=None, method="spread", k=1, tau=0.1,
               source="redundancy", alpha=None, targets="all", prefix=1, mode="mean",
               cost="cosine", backend=None):
     """One Token Transforming step: remove r of the N tokens of x [B, N, C].
 
-    metric [B, N, D] gives the similarities (tome, transform); score [B, N] the importance
+    metric [B, N, D] gives the similarities (tome, spread); score [B, N] the importance
     (prune, evit, source="importance"/"mix"); size [B, N] how many patches each token stands for
     (default ones). cost="ward" ranks merges by Ward's cost instead of the cosine; mode="norm"
     keeps each merged token's norm at the size-weighted mean of its inputs'. These defaults are
@@ -70,7 +70,7 @@ def transform(x, metric, r, *, size=None, score=None, method="transform", k=1, t
     step = implementation("transform", backend, x.device)
     x_out, size_out, dst, weight = step(x, size, metric, score, r, method, k, tau, alpha, targets,
                                         prefix, mode, cost)
-    return x_out, size_out, Transform(dst, weight, x.shape[1] - r)
+    return x_out, size_out, SparseT(dst, weight, x.shape[1] - r)
 
 
 def apply(x, T, size=None, mode="mean", backend=None):

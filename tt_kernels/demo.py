@@ -33,9 +33,9 @@ CONSTRUCTIONS = [
     ("prune", dict(method="prune")),
     ("evit", dict(method="evit")),
     ("tome", dict(method="tome")),
-    ("transform k=1", dict(method="transform", k=1)),
-    ("transform k=4", dict(method="transform", k=4)),
-    ("transform k=4 mix", dict(method="transform", k=4, source="mix")),
+    ("spread k=1", dict(method="spread", k=1)),
+    ("spread k=4", dict(method="spread", k=4)),
+    ("spread k=4 mix", dict(method="spread", k=4, source="mix")),
 ]
 
 
@@ -138,7 +138,7 @@ def main(argv=None):
         raise SystemExit("the demo needs timm: pip install timm") from err
 
     print("tt_kernels demo: Token Transforming on real ViT tokens -- every construction of the "
-          "sparse T\n(prune, evit, tome, transform) run by the PyTorch reference and by the C++ "
+          "sparse T\n(prune, evit, tome, spread) run by the PyTorch reference and by the C++ "
           "CPU kernels,\nchecked to agree and timed. Weights are RANDOM-INIT (seed "
           f"{args.seed}; no pretrained weights can be downloaded here),\nso the tokens are real "
           "image tokens through an untrained network (the pretrained model is\nthe main job's: "

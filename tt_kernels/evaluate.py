@@ -37,7 +37,7 @@ from .visualize import save_token_maps
 METHODS = {
     "tome": dict(method="tome"),
     "evit": dict(method="evit"),
-    "transform k=4": dict(k=4, tau=0.1),
+    "spread k=4": dict(k=4, tau=0.1),
     "transform (default)": {},  # tt_kernels.patch's defaults
 }
 BUDGETS = (0.8, 0.7, 0.6)

@@ -24,7 +24,7 @@ def _similarity_rows(method, n, prefix, by_importance):
     return a_count(n, prefix)
 
 
-def step_sizes(n0, schedule, prefix=1, by_importance=False, method="transform"):
+def step_sizes(n0, schedule, prefix=1, by_importance=False, method="spread"):
     """Token counts entering each block and the r actually removed after its attention; r is
     capped at what the construction allows for the tokens at hand."""
     n, sizes = n0, []
@@ -35,7 +35,7 @@ def step_sizes(n0, schedule, prefix=1, by_importance=False, method="transform"):
     return sizes
 
 
-def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="transform",
+def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="spread",
               metric_dim=None):
     """FLOPs of one image through `model` (timm VisionTransformer) removing schedule[i] tokens in
     block i (between its attention and its MLP), with a metric `metric_dim` wide (default: one
@@ -67,7 +67,7 @@ def check_fraction(fraction):
 
 
 def schedule_for_budget(model, n0, fraction, prefix=None, by_importance=False,
-                        method="transform", metric_dim=None):
+                        method="spread", metric_dim=None):
     """The schedule whose FLOPs come closest to `fraction` of the unreduced model's from below:
     the smallest constant r in every block but the last (whose removals would save only its own
     MLP), then one token less in the latest blocks while the budget still holds. A fraction that

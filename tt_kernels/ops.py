@@ -39,11 +39,11 @@ _register_triton_for_cuda()
 
 
 def _slots(method, k):
-    return k if method == "transform" else 1
+    return k if method == "spread" else 1
 
 
 @torch.library.register_fake("tt::match")
-def _(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+def _(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
       targets="all", prefix=1, cost="cosine"):
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
@@ -64,7 +64,7 @@ def _(y, dst, weight):
 
 
 @torch.library.register_fake("tt::transform")
-def _(x, size, metric, score=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+def _(x, size, metric, score=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
       targets="all", prefix=1, mode="mean", cost="cosine"):
     B, N, C = x.shape
     K = _slots(method, k)

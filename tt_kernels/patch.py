@@ -46,13 +46,13 @@ class TokenReduction:
 
     r: object = 0  # int per block, list per block, {block: r} stages; ignored when flops is set
     flops: float = None  # fraction of the unreduced FLOPs to meet (schedule_for_budget)
-    method: str = "transform"
+    method: str = "spread"
     k: int = 1
     tau: float = 0.1
     source: str = "redundancy"
     alpha: float = None
     targets: str = "b"
-    cost: str = "ward"  # cost, mode and metric apply to method="transform"
+    cost: str = "ward"  # cost, mode and metric apply to method="spread"
     mode: str = "norm"
     metric: str = "queries"  # "queries" / "keys": all heads side by side; "keys_mean": averaged
     backend: str = None
@@ -73,18 +73,18 @@ class TokenReduction:
     def by_importance(self):
         """Whether any unprotected token may leave (the lowest scores do)."""
         return self.method in ("prune", "evit") or (
-            self.method == "transform" and api.removal_alpha(self.source, self.alpha) == 1)
+            self.method == "spread" and api.removal_alpha(self.source, self.alpha) == 1)
 
     def needs_score(self):
         return self.method in ("prune", "evit") or (
-            self.method == "transform" and api.removal_alpha(self.source, self.alpha) > 0)
+            self.method == "spread" and api.removal_alpha(self.source, self.alpha) > 0)
 
     def op_settings(self):
         """tt.transform's settings after (x, size, metric, score, r): ToMe, prune and evit keep
         their published recipes, the op's defaults."""
-        if self.method != "transform":
+        if self.method != "spread":
             return (self.method, 1, 0.1, 0.0, "all", self.prefix, "mean", "cosine")
-        return ("transform", self.k, self.tau, api.removal_alpha(self.source, self.alpha),
+        return ("spread", self.k, self.tau, api.removal_alpha(self.source, self.alpha),
                 self.targets, self.prefix, self.mode, self.cost)
 
     def schedule_flops(self, model, n0, schedule=None):
@@ -95,12 +95,12 @@ class TokenReduction:
     def metric_dim(self, model):
         """Width of the similarity metric, for the FLOPs counter."""
         attn = model.blocks[0].attn
-        full = self.method == "transform" and self.metric in ("queries", "keys")
+        full = self.method == "spread" and self.metric in ("queries", "keys")
         return attn.num_heads * attn.head_dim if full else attn.head_dim
 
     def metric_of(self, queries, keys):
         """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
-        if self.metric == "keys_mean" or self.method != "transform":
+        if self.metric == "keys_mean" or self.method != "spread":
             return keys.mean(1)
         return (queries if self.metric == "queries" else keys).transpose(1, 2).flatten(2)
 
@@ -170,7 +170,7 @@ SETTINGS = tuple(f.name for f in fields(TokenReduction) if not f.metadata.get("s
 
 # The construction settings that the ops' own argument checks (csrc/checks.cpp) cover, each with
 # its type and a value the ops accept, to check one setting at a time.
-_OP_CHECKED = {"method": (str, "transform"), "k": (numbers.Integral, 1),
+_OP_CHECKED = {"method": (str, "spread"), "k": (numbers.Integral, 1),
                "tau": (numbers.Real, 0.1), "targets": (str, "all"), "cost": (str, "cosine"),
                "mode": (str, "mean")}
 _TYPE_NAMES = {str: "a string", numbers.Integral: "an integer", numbers.Real: "a number",
@@ -240,7 +240,7 @@ def _block_forward(self, x, attn_mask=None, is_causal=False):
         x, tr.size, dst, weight = transform(x, size, tr.metric_of(tr._q, tr._k), score, r,
                                             *settings)
         if tr.record:
-            tr.steps.append(api.Transform(dst, weight, x.shape[1]))
+            tr.steps.append(api.SparseT(dst, weight, x.shape[1]))
     tr._q = tr._k = None
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -262,7 +262,7 @@ def _capture(name):
     return hook
 
 
-def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="redundancy",
+def patch(model, r=0, *, flops=None, method="spread", k=1, tau=0.1, source="redundancy",
           alpha=None, targets="b", cost="ward", mode="norm", metric="queries", backend=None,
           record=False, attention="auto"):
     """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
@@ -271,7 +271,7 @@ def patch(model, r=0, *, flops=None, method="transform", k=1, tau=0.1, source="r
     flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet from below
     (flops.schedule_for_budget).
     The other arguments are those of tt_kernels.transform (cost, mode and metric for method
-    "transform" only; see the module's docstring). With record=True each forward keeps
+    "spread" only; see the module's docstring). With record=True each forward keeps
     its steps' T in model.token_reduction.steps, for tt_kernels.restore and visualisation.
     attention: how proportional attention's +log(size) enters SDPA, "auto", "mask", "column" or
     "cudnn" (tt_kernels.attention).

@@ -75,7 +75,7 @@ def apply_magnitude(x, size, dst, weight):
                float(x.abs().max()) if x.numel() else 0.0)
 
 
-def near_ties(metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+def near_ties(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
               targets="all", prefix=1, cost="cosine"):
     """[B, N] bool: the tokens whose row of T fp32 arithmetic may choose differently from the
     float64 reference, because a choice compares affinities closer than `tie_bound`. Every token
@@ -87,7 +87,7 @@ def near_ties(metric, score=None, size=None, r=0, method="transform", k=1, tau=0
     chooses)."""
     B, N = (metric if metric is not None else score).shape[:2]
     near = torch.zeros(B, N, dtype=torch.bool)
-    if method not in ("tome", "transform") or alpha == 1 or r == 0 or B == 0:
+    if method not in ("tome", "spread") or alpha == 1 or r == 0 or B == 0:
         return near
     ref = reference.constructions
     metric, score = metric.cpu(), None if score is None else score.cpu()
@@ -109,7 +109,7 @@ def near_ties(metric, score=None, size=None, r=0, method="transform", k=1, tau=0
     keep = torch.ones(B, N, dtype=torch.bool).scatter_(1, removed, False)
     targets_b = method == "tome" or targets == "b"
     allowed = keep & (is_b if targets_b else torch.arange(N) >= prefix)
-    slots = k if method == "transform" else 1
+    slots = k if method == "spread" else 1
     rows = aff.gather(1, removed[..., None].expand(-1, -1, N))
     top = rows.masked_fill(~allowed[:, None], -torch.inf).sort(-1, descending=True).values
     top = top[..., :slots + 1]
@@ -136,11 +136,11 @@ def _close(got, want, tol):
     return ok, float((got - want).abs().max())
 
 
-MATCH_DEFAULTS = dict(score=None, size=None, r=0, method="transform", k=1, tau=0.1, alpha=0.0,
+MATCH_DEFAULTS = dict(score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
                       targets="all", prefix=1, cost="cosine")
 
 
-def check_T(dst, weight, metric, score=None, size=None, r=0, method="transform", k=1, tau=0.1,
+def check_T(dst, weight, metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1,
             alpha=0.0, targets="all", prefix=1, cost="cosine"):
     """(ok, details): a kernel's T = (dst, weight) against the reference's, image by image, with
     the near-tie rule of this module's docstring."""

@@ -1,4 +1,4 @@
-// CPU tt.match: the constructions of T (prune, evit, tome, transform), one image at a time. Which
+// CPU tt.match: the constructions of T (prune, evit, tome, spread), one image at a time. Which
 // tokens leave comes first (by importance or by redundancy), then where each one goes. The
 // cosine similarities come from one batched fp32 GEMM over the pairs the construction reads (A x
 // B tokens for ToMe and targets "b") and every affinity follows the reference's formula, so
@@ -82,7 +82,7 @@ void ward_affinity(float* sim, const float* size, const Grid& grid) {
   }
 }
 
-// Who leaves by importance (prune, evit, transform with alpha = 1): all but the n_keep highest
+// Who leaves by importance (prune, evit, spread with alpha = 1): all but the n_keep highest
 // scores after the prefix; on ties the lower index stays.
 void choose_by_importance(const Construction& c, const float* score, std::vector<char>& keep) {
   const int64_t N = c.tokens, P = c.prefix;
@@ -127,7 +127,7 @@ void choose_by_redundancy(const Construction& c, const Affinities& sim, const fl
   for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
 }
 
-// transform: removed token j's slots d/w, its k most similar allowed targets (kept, after the
+// spread: removed token j's slots d/w, its k most similar allowed targets (kept, after the
 // prefix, B tokens only with targets "b"), weighted softmax(affinity / tau); none found: pruned
 // (weights stay 0). top/val: k entries of scratch.
 void spread(const Construction& c, const Affinities& sim, int64_t j,
@@ -209,7 +209,7 @@ void match_image(const Construction& c, const Affinities& sim, const float* scor
         d[0] = row_of[best_b[j]];
         w[0] = 1.f;
         break;
-      case Method::Transform:  // spread over its k most similar targets
+      case Method::Spread:  // spread over its k most similar targets
         spread(c, sim, j, keep, row_of, top, val, d, w);
         break;
     }
@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   const auto opts = size_in.options();
   auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
   auto weight = at::empty({B, N, K}, opts);
-  const bool needs_sim = !c.by_importance() || c.method == Method::Transform;
+  const bool needs_sim = !c.by_importance() || c.method == Method::Spread;
   const Grid grid(c);
   const at::Tensor sim = needs_sim ? similarity(*metric, grid) : at::Tensor();
   const int64_t per_image = grid.rows.count * grid.cols.count;

@@ -48,7 +48,7 @@ inline Step make_step(const Construction& c, int64_t D) {
   s.mix = !s.by_importance && c.alpha > 0;
   s.targets_b = c.targets_b;
   s.ward = c.ward;
-  s.needs_affinity = !s.by_importance || c.method == Method::Transform;
+  s.needs_affinity = !s.by_importance || c.method == Method::Spread;
   s.tau = static_cast<float>(c.tau);
   s.w_red = static_cast<float>(1.0 - c.alpha);
   s.w_imp = static_cast<float>(c.alpha);
@@ -417,7 +417,7 @@ TT_DEVICE void match_image(Exec& ex, const Step& s, const MatchImage<metric_t>& 
       w[0] = 1.f;
     }
   });
-  if (s.method == Method::Transform) {
+  if (s.method == Method::Spread) {
     const auto allowed = [&](int t) {
       return t >= P && keep[t] && (!s.targets_b || t % 2 == 1);
     };

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
   c.k = k;
   c.prefix = prefix;
   c.tau = tau;
-  c.alpha = c.method == Method::Transform ? alpha : 0.0;
+  c.alpha = c.method == Method::Spread ? alpha : 0.0;
   c.targets_b = targets == "b";
   c.ward = cost == "ward";
   const at::Tensor x = x_in.has_value() ? x_in->contiguous() : at::Tensor();

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every operator, one file per op: readable, batched, and the ground
 truth in tests. ``constructions`` is match.py itself (similarity, affinity, prune, evit, tome,
-transform), whose name the op ``match`` takes here."""
+spread), whose name the op ``match`` takes here."""
 from . import match as constructions
 from .apply import apply
 from .cls_attention import cls_attention

@@ -1,5 +1,5 @@
 """Reference match: how similar tokens are, the four constructions of the sparse transformation T
-(prune, evit, tome, transform) and ``match``, which runs one of them (the spec in code).
+(prune, evit, tome, spread) and ``match``, which runs one of them (the spec in code).
 
 T is stored by input token ("ELL by column"): input token j sends share ``weight[b, j, k]`` of
 itself to output row ``dst[b, j, k]``. Every construction returns ``dst`` int64 [B, N, K] and
@@ -139,8 +139,8 @@ def tome(metric, r, prefix=1):
     return _ell(keep, dst, torch.ones_like(dst, dtype=torch.float32))
 
 
-def transform(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score=None,
-              size=None, cost="cosine"):
+def spread(metric, r, prefix=1, k=1, tau=0.1, alpha=0.0, targets="all", score=None,
+           size=None, cost="cosine"):
     """Token Transforming: choose r tokens to remove, spread each over its k closest targets.
 
     Closeness is the affinity above (cosine, or minus Ward's cost, which needs `size`).
@@ -187,4 +187,4 @@ def match(metric, score, size, r, method, k=1, tau=0.1, alpha=0.0, targets="all"
             return evit(score, size, r, prefix)
         if method == "tome":
             return tome(metric, r, prefix)
-        return transform(metric, r, prefix, k, tau, alpha, targets, score, size, cost)
+        return spread(metric, r, prefix, k, tau, alpha, targets, score, size, cost)
