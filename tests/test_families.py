@@ -1,0 +1,297 @@
+"""tt_kernels.patch on every model family it takes (tt_kernels.families), on tiny random models:
+timm's VisionTransformer, HF transformers' ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP,
+and open_clip's VisionTransformer; and the same weights in two frameworks patched alike."""
+import copy
+
+import pytest
+import timm
+import timm.models.vision_transformer as timm_vit
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+import tt_kernels
+from tt_kernels.families import family_of
+
+transformers = pytest.importorskip("transformers")
+open_clip = pytest.importorskip("open_clip")
+
+SIDE, PATCH, WIDTH, DEPTH, HEADS = 64, 8, 48, 3, 3  # 64 patches
+HF = dict(image_size=SIDE, patch_size=PATCH, hidden_size=WIDTH, num_hidden_layers=DEPTH,
+          num_attention_heads=HEADS, intermediate_size=4 * WIDTH, layer_norm_eps=1e-6)
+
+
+def _hf(model, config, **extra):
+    return lambda: getattr(transformers, model)(getattr(transformers, config)(**HF, **extra))
+
+
+def _clip_model():
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=HF,
+                                                          projection_dim=16))
+
+
+MODELS = {
+    "timm": lambda: timm_vit.VisionTransformer(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH,
+                                               depth=DEPTH, num_heads=HEADS, num_classes=5),
+    "timm-siglip-map": lambda: timm_vit.VisionTransformer(
+        img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=5, class_token=False, global_pool="map"),
+    "hf-vit": _hf("ViTForImageClassification", "ViTConfig", num_labels=5),
+    "hf-vit-model": _hf("ViTModel", "ViTConfig"),
+    "hf-deit-teacher": _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5),
+    "hf-dinov2": _hf("Dinov2Model", "Dinov2Config"),
+    "hf-dinov2-registers": _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
+                               num_register_tokens=4),
+    "hf-clip-vision": _hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16),
+    "hf-clip": _clip_model,
+    "hf-siglip": _hf("SiglipVisionModel", "SiglipVisionConfig"),
+    "hf-vit-eager": _hf("ViTModel", "ViTConfig", attn_implementation="eager"),
+    "open_clip": lambda: open_clip.transformer.VisionTransformer(
+        image_size=SIDE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, mlp_ratio=4,
+        output_dim=16),
+    "open_clip-avg": lambda: open_clip.transformer.VisionTransformer(
+        image_size=SIDE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, mlp_ratio=4,
+        output_dim=16, pool_type="avg"),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return MODELS[name]().eval()
+
+
+def _images(batch=2):
+    return torch.randn(batch, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+
+
+def _forward(model, x):
+    """The model's image output: its logits, pooled or projected features."""
+    if isinstance(model, transformers.CLIPModel):
+        out = model.get_image_features(pixel_values=x)
+    else:
+        out = model(x) if not isinstance(model, transformers.PreTrainedModel) else \
+            model(pixel_values=x)
+    if torch.is_tensor(out):
+        return out
+    for name in ("logits", "image_embeds", "pooler_output"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    return out.last_hidden_state
+
+
+def _method(name):
+    """SigLIP has no class token, so no importance score: its models reduce as ToMe does."""
+    return "spread"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_nothing_to_remove_is_the_unpatched_model(name):
+    model, x = _model(name), _images()
+    with torch.no_grad():
+        want = _forward(model, x)
+        got = _forward(tt_kernels.patch(copy.deepcopy(model), r=0), x)
+    assert torch.equal(got, want)  # the same modules, no bias, the module's own attention
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flops_budget_is_met_as_flop_counter_mode_counts_it(name):
+    """Our counter (vit_flops) and torch's FlopCounterMode on the patched forward agree exactly,
+    and the patched forward meets the 60% budget by FlopCounterMode's count."""
+    model, x = _model(name), _images(1)
+    # FlopCounterMode's module tracker fails on timm's attention pool when its latent queries
+    # (expanded from a parameter) require grad: count an inference model's FLOPs
+    model.requires_grad_(False)
+
+    def counted(m):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            _forward(m, x)
+        return counter.get_total_flops()
+
+    full = counted(model)
+    tt_kernels.patch(model, flops=0.6, method=_method(name))
+    tr, family = model.token_reduction, family_of(model)
+    patched = counted(model)
+    want = tt_kernels.vit_flops(model, family.n0, tr.schedule, None, tr.by_importance,
+                                tr.method, tr.metric_dim(model))
+    if isinstance(model, transformers.CLIPModel):  # get_image_features: the text tower idle
+        assert full == tt_kernels.vit_flops(model, family.n0, [0] * DEPTH)
+    assert patched == want
+    assert 0.5 * full < patched <= 0.6 * full
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_restore_brings_the_tokens_back_to_the_full_grid(name):
+    model, x = _model(name), _images()
+    family = family_of(model)
+    tokens = []
+    handle = family.blocks[-1].register_forward_hook(lambda m, i, out: tokens.append(
+        out[0] if isinstance(out, tuple) else out))
+    tt_kernels.patch(model, flops=0.6, method=_method(name), record=True)
+    with torch.no_grad():
+        _forward(model, x)
+    handle.remove()
+    tr = model.token_reduction
+    assert tokens[0].shape[1] == family.n0 - sum(tr.schedule)
+    full = tt_kernels.restore(tokens[0], tr.steps)
+    assert full.shape == (2, family.n0, WIDTH)
+
+
+class _FusedAttentionCalls(TorchDispatchMode):
+    """Counts the calls of fused attention kernels (SDPA's, nn.MultiheadAttention's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls += "scaled_dot_product" in name or "native_multi_head_attention" in name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if "eager" not in n])
+def test_the_fused_attention_is_kept(name):
+    model, x = _model(name), _images()
+
+    def calls(m):
+        with _FusedAttentionCalls() as mode, torch.no_grad():
+            _forward(m, x)
+        return mode.calls
+
+    want = calls(model)
+    assert want >= DEPTH
+    assert calls(tt_kernels.patch(model, flops=0.6, method=_method(name))) == want
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "open_clip"])
+def test_compiles(name):
+    model, x = _model(name), _images()
+    tt_kernels.patch(model, flops=0.6)
+    with torch.no_grad():
+        want = _forward(model, x)
+        got = _forward(torch.compile(model), x)
+    # Inductor fuses the norms and GELU differently: a few fp32 roundings per block (D = 48)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "open_clip", "timm"])
+def test_settings_and_unpatch(name):
+    model, x = _model(name), _images()
+    with torch.no_grad():
+        want = _forward(model, x)
+        tt_kernels.patch(model, r=8)
+        model.token_reduction.k = 2  # a setting changed at run time is taken by the next forward
+        reduced = _forward(model, x)
+        tt_kernels.unpatch(model)
+        assert torch.equal(_forward(model, x), want)
+    assert not torch.equal(reduced, want)
+    assert not any(hasattr(m, "token_reduction") for m in model.modules())
+
+
+def test_refusals_name_what_is_refused():
+    with pytest.raises(TypeError, match="takes timm VisionTransformer, HF transformers"):
+        tt_kernels.patch(nn.Linear(2, 2), r=1)
+    tiny = dict(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=1, num_heads=HEADS)
+    with pytest.raises(NotImplementedError, match="Eva is not supported: .* rotary position"):
+        tt_kernels.patch(timm.models.eva.Eva(**tiny), r=1)
+    with pytest.raises(NotImplementedError, match="Beit is not supported: .* relative position"):
+        tt_kernels.patch(timm.models.beit.Beit(**tiny), r=1)
+    dinov2_head = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**HF))
+    with pytest.raises(NotImplementedError, match="averages the patch tokens"):
+        tt_kernels.patch(dinov2_head, r=1)
+    flash = transformers.ViTModel(transformers.ViTConfig(**HF))
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(NotImplementedError, match="takes no additive bias"):
+        tt_kernels.patch(flash, r=1)
+    with pytest.raises(ValueError, match="`attention` must be one of .* for a HF"):
+        tt_kernels.patch(_model("hf-vit"), r=1, attention="column")
+    timm_model = tt_kernels.patch(_model("timm"), r=1)
+    with pytest.raises(NotImplementedError, match="no attention mask"):
+        timm_model.blocks[0](torch.randn(1, 65, WIDTH), attn_mask=torch.zeros(1, 1, 65, 65))
+    siglip = _model("hf-siglip")
+    with pytest.raises(ValueError, match="no class token"):
+        tt_kernels.patch(siglip, r=1, method="prune")
+
+
+# The same weights in two frameworks --------------------------------------------------------------
+
+def _timm_from_hf_vit(hf):
+    """timm's ViT holding an HF ViTModel's weights (q, k, v stacked into qkv)."""
+    timm_model = timm_vit.VisionTransformer(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH,
+                                            depth=DEPTH, num_heads=HEADS, num_classes=0).eval()
+    e = hf.embeddings
+    state = {"cls_token": e.cls_token, "pos_embed": e.position_embeddings,
+             "patch_embed.proj.weight": e.patch_embeddings.projection.weight,
+             "patch_embed.proj.bias": e.patch_embeddings.projection.bias,
+             "norm.weight": hf.layernorm.weight, "norm.bias": hf.layernorm.bias}
+    for i, layer in enumerate(hf.layers):
+        a, b = layer.attention, f"blocks.{i}."
+        state |= {b + "norm1.weight": layer.layernorm_before.weight,
+                  b + "norm1.bias": layer.layernorm_before.bias,
+                  b + "attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight,
+                                                    a.v_proj.weight]),
+                  b + "attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                  b + "attn.proj.weight": a.o_proj.weight, b + "attn.proj.bias": a.o_proj.bias,
+                  b + "norm2.weight": layer.layernorm_after.weight,
+                  b + "norm2.bias": layer.layernorm_after.bias,
+                  b + "mlp.fc1.weight": layer.mlp.fc1.weight, b + "mlp.fc1.bias": layer.mlp.fc1.bias,
+                  b + "mlp.fc2.weight": layer.mlp.fc2.weight, b + "mlp.fc2.bias": layer.mlp.fc2.bias}
+    timm_model.load_state_dict(state)
+    return timm_model
+
+
+def _timm_from_open_clip(oc):
+    """timm's CLIP-style ViT (a norm before the blocks, no patch bias) holding open_clip's."""
+    from functools import partial
+
+    timm_model = timm_vit.VisionTransformer(
+        img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=0, pre_norm=True, norm_layer=partial(nn.LayerNorm, eps=1e-5)).eval()
+    state = {"cls_token": oc.class_embedding[None, None], "pos_embed": oc.positional_embedding[None],
+             "patch_embed.proj.weight": oc.conv1.weight,
+             "norm_pre.weight": oc.ln_pre.weight, "norm_pre.bias": oc.ln_pre.bias,
+             "norm.weight": oc.ln_post.weight, "norm.bias": oc.ln_post.bias}
+    for i, block in enumerate(oc.transformer.resblocks):
+        b = f"blocks.{i}."
+        state |= {b + "norm1.weight": block.ln_1.weight, b + "norm1.bias": block.ln_1.bias,
+                  b + "attn.qkv.weight": block.attn.in_proj_weight,
+                  b + "attn.qkv.bias": block.attn.in_proj_bias,
+                  b + "attn.proj.weight": block.attn.out_proj.weight,
+                  b + "attn.proj.bias": block.attn.out_proj.bias,
+                  b + "norm2.weight": block.ln_2.weight, b + "norm2.bias": block.ln_2.bias,
+                  b + "mlp.fc1.weight": block.mlp.c_fc.weight, b + "mlp.fc1.bias": block.mlp.c_fc.bias,
+                  b + "mlp.fc2.weight": block.mlp.c_proj.weight,
+                  b + "mlp.fc2.bias": block.mlp.c_proj.bias}
+    timm_model.load_state_dict(state)
+    return timm_model
+
+
+@pytest.mark.parametrize("other", ["hf-vit-model", "open_clip"])
+@pytest.mark.parametrize("method", ["spread", "tome"])
+def test_the_same_weights_in_two_frameworks_agree(other, method):
+    """Patched alike, timm's ViT and the same weights in HF's ViT or open_clip's choose the same
+    T in every block and give the same class token, to fp32 rounding: the frameworks project
+    q, k, v in one or three products, which rounds them differently in the last bits."""
+    model, x = _model(other), _images()
+    if other.startswith("hf"):
+        timm_model = _timm_from_hf_vit(model)
+
+        def class_token():
+            return model(pixel_values=x).last_hidden_state[:, 0]
+    else:
+        timm_model, model.proj = _timm_from_open_clip(model), None  # its pooled class token
+
+        def class_token():
+            return model(x)
+    with torch.no_grad():
+        want, got = timm_model.forward_features(x)[:, 0], class_token()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # unpatched: the mapping
+        settings = dict(flops=0.6, method=method, record=True)
+        tt_kernels.patch(timm_model, **settings)
+        tt_kernels.patch(model, **settings)
+        want, got = timm_model.forward_features(x)[:, 0], class_token()
+    for a, b in zip(timm_model.token_reduction.steps, model.token_reduction.steps):
+        assert torch.equal(a.dst, b.dst)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,164 @@
+"""HF transformers (5.x) vision encoders: ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP.
+
+Their attention modules take an additive attention_mask in every implementation that computes
+the logits itself ("sdpa", "eager"), so the size bias enters as that mask and the model's own
+attention runs; flash attention 2 takes no bias and is refused. Queries and keys are read at the
+attention's q_proj / k_proj (before any scaling, as timm's). SigLIP's attention-pool head attends
+over the merged tokens with the same bias.
+"""
+from .. import attention
+from .family import (Family, Parts, Undo, attention_pool_macs, capture_heads, conv_macs,
+                     linear_macs, replace_method)
+
+_VIT = Parts("layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp", ("dropout",))
+_DINOV2 = Parts("norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp",
+                ("layer_scale2", "drop_path"))
+_CLIP = Parts("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ())
+LAYERS = {"ViTLayer": _VIT, "DeiTLayer": _VIT, "Dinov2Layer": _DINOV2,
+          "Dinov2WithRegistersLayer": _DINOV2, "CLIPEncoderLayer": _CLIP,
+          "SiglipEncoderLayer": _CLIP}
+
+# The model classes taken: their heads read the class token(s) or attention-pool the tokens.
+MODELS = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+          "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel",
+          "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "SiglipVisionModel",
+          "SiglipModel")
+REFUSED = {name: "its head averages the patch tokens without their sizes" for name in (
+    "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")}
+# Linear heads after the last block, each on one pooled token.
+HEADS = ("pooler", "classifier", "cls_classifier", "distillation_classifier", "visual_projection")
+BIAS_TAKEN = ("sdpa", "eager")  # attention implementations that add an attention_mask to logits
+
+
+def _vision_core(model):
+    """The module that holds the embeddings and the layers (the vision tower of CLIP/SigLIP)."""
+    for name in ("vision_model", "vit", "deit", "dinov2"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return model
+
+
+def _layers(core):
+    encoder = getattr(core, "encoder", core)
+    return getattr(encoder, "layers", None) or getattr(encoder, "layer")
+
+
+def _heads(attn):
+    return getattr(attn, "num_heads", None) or attn.num_attention_heads, attn.head_dim
+
+
+def _check_implementation(config):
+    implementation = config._attn_implementation
+    if implementation not in BIAS_TAKEN:
+        raise NotImplementedError(
+            f"attn_implementation={implementation!r} takes no additive bias, which "
+            f"proportional attention needs once tokens are merged: load the model with "
+            f"attn_implementation='sdpa' or 'eager'")
+
+
+def _map_head_forward(self, hidden_state):
+    """SiglipMultiheadAttentionPoolingHead.forward with the probe's attention over the tokens
+    biased by log(size), as every layer's attention is."""
+    size = self.token_reduction.size
+    mask = None
+    if size is not None:  # nn.MultiheadAttention's float mask: [B * heads, 1 query, N keys]
+        bias = size.log().to(hidden_state.dtype)[:, None, None, :]
+        mask = bias.expand(-1, self.attention.num_heads, 1, -1).flatten(0, 1)
+    probe = self.probe.repeat(hidden_state.shape[0], 1, 1)
+    hidden_state = self.attention(probe, hidden_state, hidden_state, attn_mask=mask)[0]
+    residual = hidden_state
+    hidden_state = self.layernorm(hidden_state)
+    hidden_state = residual + self.mlp(hidden_state)
+    return hidden_state[:, 0]
+
+
+def _map_head_macs(head, n):
+    """The attention-pool head with n tokens: the probe's query, output projection and MLP, the
+    tokens' keys and values, and the probe's attention over them."""
+    d = head.attention.embed_dim
+    return attention_pool_macs(1, n, d, d * d + linear_macs(head.attention.out_proj) +
+                               linear_macs(head.mlp), 2 * d * d)
+
+
+class HFVision(Family):
+    name = "HF transformers vision model"
+
+    @staticmethod
+    def owns(model):
+        return type(model).__module__.startswith("transformers.")
+
+    def __init__(self, model):
+        super().__init__(model)
+        import transformers
+
+        kind = type(model).__name__
+        if int(transformers.__version__.split(".")[0]) < 5:
+            raise NotImplementedError(
+                f"tt_kernels.patch takes HF transformers 5.x models (whose attention takes an "
+                f"additive mask in every layer); this is transformers {transformers.__version__}")
+        if kind in REFUSED:
+            raise NotImplementedError(f"{kind} is not supported: {REFUSED[kind]}; patch its "
+                                      "encoder (model.{}) instead".format(
+                                          "dinov2" if hasattr(model, "dinov2") else "model"))
+        if kind not in MODELS:
+            raise TypeError(f"tt_kernels.patch takes these HF transformers models: "
+                            f"{', '.join(MODELS)}; got {kind}")
+        self.core = _vision_core(model)
+        _check_implementation(self.core.config)
+        self.blocks = list(_layers(self.core))
+        for i, block in enumerate(self.blocks):
+            if type(block).__name__ not in LAYERS:
+                raise TypeError(f"layer {i} is a {type(block).__name__}, not one of the layers "
+                                f"taken ({', '.join(LAYERS)})")
+        embeddings = self.core.embeddings
+        self.prefix = sum(hasattr(embeddings, name) for name in (
+            "cls_token", "distillation_token", "class_embedding")) + getattr(
+            self.core.config, "num_register_tokens", 0)
+        patches = getattr(embeddings, "num_patches", None) or \
+            embeddings.patch_embeddings.num_patches
+        self.n0 = patches + self.prefix
+        self.heads = _heads(getattr(self.blocks[0], self.parts_of(self.blocks[0]).attention))
+        self.map_head = getattr(self.core, "head", None)
+
+    def parts_of(self, block):
+        return LAYERS[type(block).__name__]
+
+    @staticmethod
+    def attend(block, x, size, form):
+        attn = getattr(block, block.token_reduction_parts.attention)
+        if size is None:
+            return attn(x)[0]
+        _check_implementation(attn.config)
+        bias = attention.size_bias(size, attention.q_dtype(x))
+        if form != "cudnn":
+            return attn(x, attention_mask=bias)[0]
+        with attention.cudnn_kernel(x, "'auto' or 'mask'"):
+            return attn(x, attention_mask=bias)[0]
+
+    def install(self, tr):
+        handles = []
+        heads = self.heads[0]
+        for block in self.blocks:
+            attn = getattr(block, self.parts_of(block).attention)
+            for proj, name in ((attn.q_proj, "_q"), (attn.k_proj, "_k")):
+                proj.token_reduction = tr
+                handles += [proj.register_forward_hook(capture_heads(name, heads)),
+                            Undo(lambda proj=proj: delattr(proj, "token_reduction"))]
+        if self.map_head is not None:
+            self.map_head.token_reduction = tr
+            handles += [replace_method(self.map_head, "forward", _map_head_forward),
+                        Undo(lambda: delattr(self.map_head, "token_reduction"))]
+        return handles
+
+    def embed_macs(self, patches):
+        embeddings = self.core.embeddings
+        conv = getattr(embeddings, "patch_embedding", None) or \
+            embeddings.patch_embeddings.projection
+        return conv_macs(conv, patches)
+
+    def tail_macs(self, n):
+        heads = {id(m): m for owner in (self.model, self.core) for m in
+                 (getattr(owner, name, None) for name in HEADS) if m is not None}
+        macs = sum(map(linear_macs, heads.values()))
+        return macs + (_map_head_macs(self.map_head, n) if self.map_head is not None else 0)
+

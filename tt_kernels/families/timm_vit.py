@@ -1,0 +1,106 @@
+"""timm's VisionTransformer (DeiT, DINOv2, CLIP, SigLIP, ...).
+
+Queries and keys are read at the attention's q_norm / k_norm (identities unless the model
+normalises them), after the fused qkv projection; the size bias enters timm's own Attention in
+any form of tt_kernels.attention; average pooling is size-weighted, and the attention-pool head
+(global_pool="map", SigLIP) attends over the merged tokens with the same bias as the blocks.
+"""
+from .. import attention
+from .family import (Family, Parts, Undo, attention_pool_macs, conv_macs, linear_macs,
+                     replace_method, size_weighted_mean)
+
+
+def _capture(name):
+    def hook(module, inputs, output):
+        setattr(module.token_reduction, name, output)
+    return hook
+
+
+# Models of timm that are not its VisionTransformer with pre-norm Blocks, and why.
+REFUSED = {
+    "Eva": "its blocks rotate q and k by each token's rotary position (RoPE; EVA-02 and the "
+           "vit_*_rope_* models), and which position a merged token takes is not yet chosen",
+    "Beit": "its attention adds a relative position bias indexed by the full patch grid, which "
+            "merged tokens no longer form",
+    "NaFlexVit": "it packs images of several sizes behind a patch mask, and patch() reduces one "
+                 "full grid per image",
+}
+
+
+def _pool(self, x, pool_type=None):
+    """timm's pool where a merged token counts as many patches as it holds: a size-weighted
+    average, and the attention pool's logits +log(size) as in every block."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    size = self.token_reduction.size
+    attn_pool = getattr(self, "attn_pool", None)  # older timm has none
+    if size is None or (pool_type != "avg" and attn_pool is None):
+        return type(self).pool(self, x, pool_type)
+    p = self.num_prefix_tokens
+    x, size = (x, size) if self.pool_include_prefix else (x[:, p:], size[:, p:])
+    if attn_pool is not None:
+        return attn_pool(x, attn_mask=attention.size_bias(size, attention.q_dtype(x)))
+    return size_weighted_mean(x, size)
+
+
+class TimmViT(Family):
+    name = "timm VisionTransformer"
+    parts = Parts("norm1", "attn", ("ls1", "drop_path1"), "norm2", "mlp", ("ls2", "drop_path2"))
+    forms = attention.FORMS
+
+    @staticmethod
+    def owns(model):  # timm's, or a model built like its VisionTransformer
+        return type(model).__module__.startswith("timm.") or (
+            hasattr(model, "blocks") and hasattr(model, "patch_embed"))
+
+    def __init__(self, model):
+        super().__init__(model)
+        kind = type(model).__name__
+        if kind in REFUSED:
+            raise NotImplementedError(f"timm's {kind} is not supported: {REFUSED[kind]}")
+        if not (hasattr(model, "blocks") and hasattr(model, "patch_embed")):
+            raise TypeError(f"tt_kernels.patch expects a timm VisionTransformer, got {kind}")
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or
+                                 pool.pos_embed is not None):
+            raise NotImplementedError(f"the attention pool {type(pool).__name__} is not "
+                                      "supported (only AttentionPoolLatent without positions)")
+        if pool is None and model.global_pool not in ("token", "avg", ""):
+            raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
+                                      "'token', 'avg' or 'map'")
+        for i, block in enumerate(model.blocks):
+            for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2",
+                         "drop_path2"):
+                if not hasattr(block, name):
+                    raise TypeError(f"block {i} ({type(block).__name__}) has no `{name}`: only "
+                                    "timm's pre-norm Block is supported")
+        self.blocks = list(model.blocks)
+        self.prefix = model.num_prefix_tokens
+        self.n0 = model.patch_embed.num_patches + self.prefix
+        attn = model.blocks[0].attn
+        self.heads = (attn.num_heads, attn.head_dim)
+
+    @staticmethod
+    def attend(block, x, size, form):
+        return attention.attend(block.attn, x, size, form)
+
+    def install(self, tr):
+        handles = []
+        for block in self.blocks:
+            for norm, name in ((block.attn.q_norm, "_q"), (block.attn.k_norm, "_k")):
+                norm.token_reduction = tr
+                handles += [norm.register_forward_hook(_capture(name)),
+                            Undo(lambda norm=norm: delattr(norm, "token_reduction"))]
+        return handles + [replace_method(self.model, "pool", _pool)]
+
+    def embed_macs(self, patches):
+        return conv_macs(self.model.patch_embed.proj, patches)
+
+    def tail_macs(self, n):
+        macs = linear_macs(self.model.head)
+        pool = getattr(self.model, "attn_pool", None)
+        if pool is None:
+            return macs
+        tokens = n if self.model.pool_include_prefix else n - self.prefix
+        per_query = sum(linear_macs(m) for m in (pool.q, pool.proj, pool.mlp) if m is not None)
+        return macs + attention_pool_macs(pool.latent_len, tokens, pool.kv.out_features // 2,
+                                          per_query, linear_macs(pool.kv))
