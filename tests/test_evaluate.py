@@ -15,7 +15,8 @@ from PIL import Image
 
 import tt_kernels
 from tt_kernels import data, evaluate
-from tt_kernels.evaluate import correlation, eval_transform, imagefolder_top1, linear_probe
+from tt_kernels.evaluate import correlation, imagefolder_top1, linear_probe
+from tt_kernels.models.named import timm_transform
 from tt_kernels.visualize import save_token_maps, token_owner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_token_owner_follows_the_largest_share(tmp_path):
     assert (pixels[4:, 4:] > 0).any()
 
 
-def test_eval_transform_is_the_models_own(tmp_path):
+def test_timm_transform_is_the_models_own(tmp_path):
     """crop_pct, interpolation, mean and std come from the model's config, not 256/224 bicubic."""
     timm = pytest.importorskip("timm")
     mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
@@ -85,7 +86,7 @@ def test_eval_transform_is_the_models_own(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 210, 3), np.uint8))
     want = TF.resize(image, 177, TF.InterpolationMode.BILINEAR)  # floor(160 / 0.9), shorter side
     want = TF.normalize(TF.to_tensor(TF.center_crop(want, 160)), mean, std)
-    transform, config = eval_transform(model)
+    transform, config = timm_transform(model)
     assert (config["crop_pct"], config["interpolation"]) == (0.9, "bilinear")
     torch.testing.assert_close(transform(image), want, rtol=0, atol=0)  # the same PIL operations
 
@@ -110,7 +111,7 @@ def folder_and_checkpoint(tmp_path_factory):
         Image.fromarray(pixels.astype(np.uint8)).save(files[-1])
     torch.manual_seed(0)
     model = timm.create_model(TINY, pretrained=False).eval()
-    transform, _ = eval_transform(model)
+    transform, _ = timm_transform(model)
     with torch.no_grad():
         feats = model.forward_head(model.forward_features(
             torch.stack([transform(Image.open(f).convert("RGB")) for f in files])), pre_logits=True)
@@ -143,7 +144,7 @@ def test_imagefolder_top1_matches_a_direct_loop(folder_and_checkpoint):
     models = {"unreduced": model, "tome": tt_kernels.patch(
         timm.create_model(TINY, pretrained=False, checkpoint_path=str(checkpoint)).eval(),
         flops=0.7, method="tome")}
-    transform, _ = eval_transform(model)
+    transform, _ = timm_transform(model)
     got = imagefolder_top1(root, models, transform, torch.device("cpu"), batch=3, workers=2)
     with torch.inference_mode():
         want = {name: _direct_top1(m, root, transform) for name, m in models.items()}
@@ -179,3 +180,55 @@ def test_torchrun_splits_top1_and_writes_once(folder_and_checkpoint, tmp_path):
     assert [(r["method"], r["top1_correct"]) for r in two["rows"]] == \
         [(r["method"], r["top1_correct"]) for r in one]
     assert one[0]["top1_correct"] == 4  # the unreduced model, as the head was written
+
+
+def _photos_or_skip():
+    for package in ("skimage", "foolbox"):  # the photos the job always measures on
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+
+
+def test_main_job_takes_an_hf_model_folder_and_its_preprocessing(folder_and_checkpoint, tmp_path):
+    """--model hf:<folder>: the classifier and image processor saved by save_pretrained, top-1
+    through the processor's own preprocessing, every configuration patched."""
+    transformers = pytest.importorskip("transformers")
+    _photos_or_skip()
+    root, _ = folder_and_checkpoint
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=64, patch_size=8, hidden_size=48,
+                                    num_hidden_layers=3, num_attention_heads=3,
+                                    intermediate_size=192, num_labels=3)
+    folder = tmp_path / "hf-vit"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    processor = transformers.ViTImageProcessor(size={"height": 64, "width": 64},
+                                               image_mean=[0.4] * 3, image_std=[0.2] * 3)
+    processor.save_pretrained(folder)
+    args = ["--device", "cpu", "--model", f"hf:{folder}", "--data", str(root), "--out",
+            str(tmp_path / "out"), "--images", "2", "--probe-images", "0", "--budgets", "0.7",
+            "--methods", "tome", "spread (default)", "--skip-speed", "--quiet", "--workers", "0",
+            "--batch", "2"]
+    rows = evaluate.main(args)
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("unreduced", 1.0), ("tome", 0.7), ("spread (default)", 0.7)]
+    assert all(r["top1_correct"] <= len(LABELS) for r in rows)
+    assert rows[1]["gflops"] <= 0.7 * rows[0]["gflops"] and sum(rows[1]["schedule"]) > 0
+    assert rows[0]["cls_cosine"] == pytest.approx(1.0, abs=1e-6)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["preprocessing"]["image_mean"] == [0.4] * 3
+    assert (tmp_path / "out" / "tokens.png").exists()
+
+
+def test_main_job_takes_an_open_clip_architecture(tmp_path):
+    """--model open_clip:ViT-B-32 (random init: no network): open_clip's image tower with its
+    own preprocessing settings, patched at the budget."""
+    pytest.importorskip("open_clip")
+    _photos_or_skip()
+    rows = evaluate.main(["--device", "cpu", "--model", "open_clip:ViT-B-32", "--out",
+                          str(tmp_path), "--images", "2", "--probe-images", "0", "--budgets",
+                          "0.7", "--methods", "tome", "--skip-speed", "--quiet", "--batch", "2"])
+    assert [r["method"] for r in rows] == ["unreduced", "tome"]
+    assert rows[1]["gflops"] <= 0.7 * rows[0]["gflops"]
+    assert 0 < rows[1]["cls_cosine"] < 1
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["model"] == "open_clip:ViT-B-32 (random init)"
+    assert written["preprocessing"] is None  # recorded only for --data

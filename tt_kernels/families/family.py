@@ -68,6 +68,7 @@ class Family:
     blocks      the residual blocks, in order
     prefix      tokens before the patches that never leave (class, distillation, registers)
     n0          tokens entering the first block at the model's own image size
+    patch_size  pixels on a side of a patch
     heads       (number of heads, head width) of the blocks' attention
     forms       the attention forms (tt_kernels.attention.FORMS) its attention can take
     """
@@ -98,6 +99,16 @@ class Family:
         """Whatever besides the blocks' forward the family needs (query / key capture, size-
         weighted pooling); returns handles whose remove() undoes it."""
         raise NotImplementedError
+
+    def features(self, x):
+        """Images x -> (the final tokens [B, N', D], normalised as the model's heads read them,
+        prefix tokens first; the pooled image feature the model's classifier or projection
+        reads [B, C])."""
+        raise NotImplementedError
+
+    def tokens_at(self, side):
+        """Tokens entering the first block for square images of `side` pixels."""
+        return (side // self.patch_size) ** 2 + self.prefix
 
     # FLOPs, as multiply-accumulates (flops.py doubles them)
     def embed_macs(self, patches):

@@ -117,6 +117,8 @@ class HFVision(Family):
         patches = getattr(embeddings, "num_patches", None) or \
             embeddings.patch_embeddings.num_patches
         self.n0 = patches + self.prefix
+        patch = self.core.config.patch_size
+        self.patch_size = patch if isinstance(patch, int) else patch[0]
         self.heads = _heads(getattr(self.blocks[0], self.parts_of(self.blocks[0]).attention))
         self.map_head = getattr(self.core, "head", None)
 
@@ -134,6 +136,16 @@ class HFVision(Family):
             return attn(x, attention_mask=bias)[0]
         with attention.cudnn_kernel(x, "'auto' or 'mask'"):
             return attn(x, attention_mask=bias)[0]
+
+    def features(self, x):
+        """The vision model's last hidden state and, as the pooled feature, its class token
+        where it has one and no pooler layer of its own (ViT's pooler is a head), else its
+        pooler output (CLIP's normalised class token, SigLIP's attention pool)."""
+        out = self.core(pixel_values=x)
+        tokens = out.last_hidden_state
+        if self.prefix and (out.pooler_output is None or hasattr(self.core, "pooler")):
+            return tokens, tokens[:, 0]
+        return tokens, out.pooler_output
 
     def install(self, tr):
         handles = []

@@ -64,6 +64,7 @@ class OpenClipViT(Family):
         self.blocks = list(model.transformer.resblocks)
         self.prefix = 1  # the class token
         self.n0 = model.grid_size[0] * model.grid_size[1] + self.prefix
+        self.patch_size = model.patch_size[0]
         mha = self.blocks[0].attn
         self.heads = (mha.num_heads, mha.head_dim)
 
@@ -74,6 +75,16 @@ class OpenClipViT(Family):
             return block.attn(x, x, x, need_weights=False)[0]  # the module's own call
         tr._q, tr._k, out = _attention(block.attn, x, size, attention.resolve(form, x))
         return out
+
+    def features(self, x):
+        """Its forward's steps (open_clip.transformer.VisionTransformer.forward) keeping every
+        token: ln_post on all of them, and the pooled feature as its forward returns it."""
+        model = self.model
+        tokens = model.transformer(model._embeds(x))
+        pooled, _ = model._pool(tokens)
+        if model.proj is not None:
+            pooled = pooled @ model.proj
+        return model.ln_post(tokens), pooled
 
     def install(self, tr):
         return [replace_method(self.model, "_global_pool", _global_pool)]

@@ -76,12 +76,17 @@ class TimmViT(Family):
         self.blocks = list(model.blocks)
         self.prefix = model.num_prefix_tokens
         self.n0 = model.patch_embed.num_patches + self.prefix
+        self.patch_size = model.patch_embed.patch_size[0]
         attn = model.blocks[0].attn
         self.heads = (attn.num_heads, attn.head_dim)
 
     @staticmethod
     def attend(block, x, size, form):
         return attention.attend(block.attn, x, size, form)
+
+    def features(self, x):
+        tokens = self.model.forward_features(x)
+        return tokens, self.model.forward_head(tokens, pre_logits=True)
 
     def install(self, tr):
         handles = []
