@@ -38,6 +38,14 @@ MODELS = {
     "timm-siglip-map": lambda: timm_vit.VisionTransformer(
         img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
         num_classes=5, class_token=False, global_pool="map"),
+    "timm-eva02": lambda: timm.models.eva.Eva(
+        img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=5, use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True,
+        ref_feat_shape=(8, 8)),
+    "timm-rope-registers-avg": lambda: timm.models.eva.Eva(
+        img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+        num_classes=5, use_rot_pos_emb=True, num_reg_tokens=1, class_token=False,
+        global_pool="avg", init_values=1e-5),
     "hf-vit": _hf("ViTForImageClassification", "ViTConfig", num_labels=5),
     "hf-vit-model": _hf("ViTModel", "ViTConfig"),
     "hf-deit-teacher": _hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5),
@@ -191,11 +199,12 @@ def test_settings_and_unpatch(name):
 
 
 def test_refusals_name_what_is_refused():
-    with pytest.raises(TypeError, match="takes timm VisionTransformer, HF transformers"):
+    with pytest.raises(TypeError, match="takes timm Eva .*, timm VisionTransformer, HF transformers"):
         tt_kernels.patch(nn.Linear(2, 2), r=1)
     tiny = dict(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=1, num_heads=HEADS)
-    with pytest.raises(NotImplementedError, match="Eva is not supported: .* rotary position"):
-        tt_kernels.patch(timm.models.eva.Eva(**tiny), r=1)
+    with pytest.raises(NotImplementedError, match="rope_mixed"):
+        tt_kernels.patch(timm.models.eva.Eva(**tiny, use_rot_pos_emb=True, rope_type="mixed"),
+                         r=1)
     with pytest.raises(NotImplementedError, match="Beit is not supported: .* relative position"):
         tt_kernels.patch(timm.models.beit.Beit(**tiny), r=1)
     dinov2_head = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**HF))
@@ -213,6 +222,35 @@ def test_refusals_name_what_is_refused():
     siglip = _model("hf-siglip")
     with pytest.raises(ValueError, match="no class token"):
         tt_kernels.patch(siglip, r=1, method="prune")
+
+
+def test_a_merged_token_takes_the_mean_rotary_embedding_of_its_patches():
+    """Eva's rotary embeddings ride along with the tokens: after the forward, each token's row is
+    what every step's T makes of the patches' rows (a size-weighted mean; rows of tokens that
+    nothing joined unchanged), and the last blocks attended with them."""
+    model, x = _model("timm-eva02"), _images()
+    rope = model.rope.get_embed()  # [patches, 2 * head width]
+    tt_kernels.patch(model, flops=0.6, record=True)
+    with torch.no_grad():
+        _forward(model, x)
+    tr = model.token_reduction
+    want = torch.cat([torch.zeros(2, 1, rope.shape[1]), rope.expand(2, -1, -1)], 1)
+    size = torch.ones(2, want.shape[1])
+    for T in tr.steps:
+        want, size = tt_kernels.apply(want, T, size, mode="mean", backend="reference")
+    torch.testing.assert_close(tr.carried["rope"], want, rtol=0, atol=1e-6)  # fp32 sums of 64
+    single = (size == 1)[:, 1:]  # tokens still one patch each keep a patch's own row exactly
+    rows = tr.carried["rope"][:, 1:][single]
+    assert (rows[:, None, :] == rope[None]).all(-1).any(-1).all()
+    # why the mean: a query's logit with a key rotated by the mean embedding is the mean of its
+    # logits with the key at each patch's position (the rotation is linear in the embedding)
+    from timm.layers import apply_rot_embed_cat
+
+    q, k = torch.randn(2, HEADS, 1, WIDTH // HEADS, dtype=torch.float64).unbind(0)
+    patches = rope[:5].double()
+    merged = apply_rot_embed_cat(k, patches.mean(0, keepdim=True))
+    torch.testing.assert_close((q * merged).sum(-1),
+                               (q * apply_rot_embed_cat(k, patches)).sum(-1).mean(-1, True))
 
 
 # The same weights in two frameworks --------------------------------------------------------------

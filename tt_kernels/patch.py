@@ -71,7 +71,10 @@ class TokenReduction:
     _k: torch.Tensor = _state(default=None)
     _model: object = _state(default=None)  # weak reference to the patched model
     _schedules: dict = _state(default_factory=dict)  # solved schedules, by token count and settings
-    _step: tuple = _state(default=None)  # (transform, cls_attention or None, the op's settings)
+    _step: tuple = _state(default=None)  # (transform, apply, cls_attention or None, settings)
+    # per-token quantities a family carries through every step's T as the tokens are carried,
+    # each [B, N, C] (its size-weighted mean over what a token holds): e.g. rotary embeddings
+    carried: dict = _state(default_factory=dict)
 
     @property
     def by_importance(self):
@@ -164,24 +167,26 @@ class TokenReduction:
     def start(self, n0, device):
         """Begins a forward of n0 tokens on `device`: the schedule, and the kernels its steps
         call, chosen once for every block (a block then makes one op call, no API layer)."""
-        self.size, self.steps = None, []
+        self.size, self.steps, self.carried = None, [], {}
         self.schedule = list(self.schedule_for(n0))
         score = implementation("cls_attention", self.backend, device) if self.needs_score() \
             else None
-        self._step = (implementation("transform", self.backend, device), score,
-                      self.op_settings())
+        self._step = (implementation("transform", self.backend, device),
+                      implementation("apply", self.backend, device), score, self.op_settings())
 
     def reduce(self, index, x):
         """Block `index`'s reduction step on its tokens x, between its attention (which left
         the queries and keys in _q, _k) and its MLP."""
         r = self.schedule[index]
         if r:
-            transform, cls_attention, settings = self._step
+            transform, apply, cls_attention, settings = self._step
             size = self.size if self.size is not None else \
                 torch.ones(x.shape[:2], device=x.device)
             score = cls_attention(self._q, self._k, size, None) if cls_attention else None
             x, self.size, dst, weight = transform(x, size, self.metric_of(self._q, self._k),
                                                   score, r, *settings)
+            for name, value in self.carried.items():
+                self.carried[name] = apply(value, size, dst, weight, x.shape[1], "mean")[0]
             if self.record:
                 self.steps.append(api.SparseT(dst, weight, x.shape[1]))
         self._q = self._k = None
@@ -263,15 +268,24 @@ def _block_forward(self, x, *args, **kwargs):
     tr, parts = self.token_reduction, self.token_reduction_parts
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
         tr.start(x.shape[1], x.device)
+    call = {name: v for name, v in kwargs.items() if "mask" not in name and name != "is_causal"}
     y = self.token_reduction_family.attend(self, getattr(self, parts.norm1)(x), tr.size,
-                                           tr.attention)
-    for name in parts.after_attention:
-        y = getattr(self, name)(y)
-    x = tr.reduce(self.token_reduction_index, x + y)
+                                           tr.attention, **call)
+    x = tr.reduce(self.token_reduction_index, x + _after(self, parts.after_attention, y))
     y = getattr(self, parts.mlp)(getattr(self, parts.norm2)(x))
-    for name in parts.after_mlp:
-        y = getattr(self, name)(y)
-    return x + y
+    return x + _after(self, parts.after_mlp, y)
+
+
+def _after(block, names, y):
+    """The parts after a branch, in order: modules are called, a tensor (a layer scale kept as a
+    bare parameter) multiplies, None is skipped."""
+    for name in names:
+        part = getattr(block, name)
+        if isinstance(part, torch.Tensor):
+            y = part * y
+        elif part is not None:
+            y = part(y)
+    return y
 
 
 def patch(model, r=0, *, flops=None, method="spread", k=1, tau=0.1, source="redundancy",

@@ -2,9 +2,10 @@
 from .family import Family
 from .hf import HFVision
 from .open_clip_vit import OpenClipViT
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-FAMILIES = (TimmViT, HFVision, OpenClipViT)
+FAMILIES = (TimmEva, TimmViT, HFVision, OpenClipViT)  # the first that owns a model takes it
 
 
 def family_of(model):

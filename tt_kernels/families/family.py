@@ -18,7 +18,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Parts:
-    """Attribute names of a block's parts; the after_ parts run in order on a branch's output."""
+    """Attribute names of a block's parts; the after_ parts run in order on a branch's output
+    (a module is called, a tensor, a layer scale kept as a bare parameter, multiplies)."""
     norm1: str
     attention: str
     after_attention: tuple
@@ -89,10 +90,11 @@ class Family:
         return self.parts
 
     @staticmethod
-    def attend(block, x, size, form):
+    def attend(block, x, size, form, **call):
         """The block's attention on its normalised input x [B, N, D], with the size bias of
         `size` [B, N] (None: every token one patch, the module's own call) in `form`; the
-        queries and keys reach model.token_reduction (_q, _k, [B, H, N, Dh]) on the way."""
+        queries and keys reach model.token_reduction (_q, _k, [B, H, N, Dh]) on the way.
+        `call`: the keyword arguments the model gave the block besides masks (e.g. rope)."""
         raise NotImplementedError
 
     def install(self, tr):

@@ -126,7 +126,7 @@ class HFVision(Family):
         return LAYERS[type(block).__name__]
 
     @staticmethod
-    def attend(block, x, size, form):
+    def attend(block, x, size, form, **call):
         attn = getattr(block, block.token_reduction_parts.attention)
         if size is None:
             return attn(x)[0]

@@ -69,7 +69,7 @@ class OpenClipViT(Family):
         self.heads = (mha.num_heads, mha.head_dim)
 
     @staticmethod
-    def attend(block, x, size, form):
+    def attend(block, x, size, form, **call):
         tr = block.token_reduction
         if size is None and not tr.schedule[block.token_reduction_index]:
             return block.attn(x, x, x, need_weights=False)[0]  # the module's own call

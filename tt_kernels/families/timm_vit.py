@@ -18,8 +18,6 @@ def _capture(name):
 
 # Models of timm that are not its VisionTransformer with pre-norm Blocks, and why.
 REFUSED = {
-    "Eva": "its blocks rotate q and k by each token's rotary position (RoPE; EVA-02 and the "
-           "vit_*_rope_* models), and which position a merged token takes is not yet chosen",
     "Beit": "its attention adds a relative position bias indexed by the full patch grid, which "
             "merged tokens no longer form",
     "NaFlexVit": "it packs images of several sizes behind a patch mask, and patch() reduces one "
@@ -36,16 +34,30 @@ def _pool(self, x, pool_type=None):
     if size is None or (pool_type != "avg" and attn_pool is None):
         return type(self).pool(self, x, pool_type)
     p = self.num_prefix_tokens
-    x, size = (x, size) if self.pool_include_prefix else (x[:, p:], size[:, p:])
+    x, size = (x, size) if getattr(self, "pool_include_prefix", False) else \
+        (x[:, p:], size[:, p:])
     if attn_pool is not None:
         return attn_pool(x, attn_mask=attention.size_bias(size, attention.q_dtype(x)))
     return size_weighted_mean(x, size)
+
+
+def check_blocks(blocks, parts, kind):
+    """Every block has the parts `parts` names and is of class `kind`."""
+    for i, block in enumerate(blocks):
+        if type(block).__name__ != kind:
+            raise TypeError(f"block {i} is a {type(block).__name__}: only timm's pre-norm {kind} "
+                            "is supported")
+        for name in (parts.norm1, parts.attention, *parts.after_attention, parts.norm2,
+                     parts.mlp, *parts.after_mlp):
+            if not hasattr(block, name):
+                raise TypeError(f"block {i} ({kind}) has no `{name}`")
 
 
 class TimmViT(Family):
     name = "timm VisionTransformer"
     parts = Parts("norm1", "attn", ("ls1", "drop_path1"), "norm2", "mlp", ("ls2", "drop_path2"))
     forms = attention.FORMS
+    block_class = "Block"
 
     @staticmethod
     def owns(model):  # timm's, or a model built like its VisionTransformer
@@ -67,12 +79,7 @@ class TimmViT(Family):
         if pool is None and model.global_pool not in ("token", "avg", ""):
             raise NotImplementedError(f"global_pool={model.global_pool!r} is not supported: use "
                                       "'token', 'avg' or 'map'")
-        for i, block in enumerate(model.blocks):
-            for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2",
-                         "drop_path2"):
-                if not hasattr(block, name):
-                    raise TypeError(f"block {i} ({type(block).__name__}) has no `{name}`: only "
-                                    "timm's pre-norm Block is supported")
+        check_blocks(model.blocks, self.parts, self.block_class)
         self.blocks = list(model.blocks)
         self.prefix = model.num_prefix_tokens
         self.n0 = model.patch_embed.num_patches + self.prefix
@@ -81,7 +88,7 @@ class TimmViT(Family):
         self.heads = (attn.num_heads, attn.head_dim)
 
     @staticmethod
-    def attend(block, x, size, form):
+    def attend(block, x, size, form, **call):
         return attention.attend(block.attn, x, size, form)
 
     def features(self, x):
@@ -105,7 +112,7 @@ class TimmViT(Family):
         pool = getattr(self.model, "attn_pool", None)
         if pool is None:
             return macs
-        tokens = n if self.model.pool_include_prefix else n - self.prefix
+        tokens = n if getattr(self.model, "pool_include_prefix", False) else n - self.prefix
         per_query = sum(linear_macs(m) for m in (pool.q, pool.proj, pool.mlp) if m is not None)
         return macs + attention_pool_macs(pool.latent_len, tokens, pool.kv.out_features // 2,
                                           per_query, linear_macs(pool.kv))
