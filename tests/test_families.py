@@ -2,6 +2,9 @@
 timm's VisionTransformer, HF transformers' ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP,
 and open_clip's VisionTransformer; and the same weights in two frameworks patched alike."""
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -173,7 +176,7 @@ def test_the_fused_attention_is_kept(name):
     assert calls(tt_kernels.patch(model, flops=0.6, method=_method(name))) == want
 
 
-@pytest.mark.parametrize("name", ["hf-vit", "open_clip"])
+@pytest.mark.parametrize("name", ["hf-vit", "open_clip", "timm-eva02"])
 def test_compiles(name):
     model, x = _model(name), _images()
     tt_kernels.patch(model, flops=0.6)
@@ -196,6 +199,20 @@ def test_settings_and_unpatch(name):
         assert torch.equal(_forward(model, x), want)
     assert not torch.equal(reduced, want)
     assert not any(hasattr(m, "token_reduction") for m in model.modules())
+
+
+def test_the_optional_families_are_optional():
+    """Without transformers and open_clip (a None in sys.modules makes any import of them raise
+    ImportError), tt_kernels imports and patches and runs a timm model."""
+    code = ("import sys; sys.modules['transformers'] = sys.modules['open_clip'] = None\n"
+            "import timm.models.vision_transformer as v, torch, tt_kernels\n"
+            "m = tt_kernels.patch(v.VisionTransformer(img_size=32, patch_size=8, embed_dim=24, "
+            "depth=2, num_heads=2).eval(), r=4)\n"
+            "print(tuple(m(torch.randn(1, 3, 32, 32)).shape))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "(1, 1000)"
 
 
 def test_refusals_name_what_is_refused():
