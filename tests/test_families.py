@@ -272,8 +272,19 @@ def test_a_merged_token_takes_the_mean_rotary_embedding_of_its_patches():
 
 # The same weights in two frameworks --------------------------------------------------------------
 
+def _hf_vit_linears(layer):
+    """An HF ViT layer's q, k, v, output, fc1, fc2 linears (transformers 5.x or 4.x names)."""
+    a = layer.attention
+    if hasattr(a, "q_proj"):
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.mlp.fc1, layer.mlp.fc2
+    return (a.attention.query, a.attention.key, a.attention.value, a.output.dense,
+            layer.intermediate.dense, layer.output.dense)
+
+
 def _timm_from_hf_vit(hf):
     """timm's ViT holding an HF ViTModel's weights (q, k, v stacked into qkv)."""
+    from tt_kernels.families.hf import _layers
+
     timm_model = timm_vit.VisionTransformer(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH,
                                             depth=DEPTH, num_heads=HEADS, num_classes=0).eval()
     e = hf.embeddings
@@ -281,18 +292,18 @@ def _timm_from_hf_vit(hf):
              "patch_embed.proj.weight": e.patch_embeddings.projection.weight,
              "patch_embed.proj.bias": e.patch_embeddings.projection.bias,
              "norm.weight": hf.layernorm.weight, "norm.bias": hf.layernorm.bias}
-    for i, layer in enumerate(hf.layers):
-        a, b = layer.attention, f"blocks.{i}."
+    for i, layer in enumerate(_layers(hf)):
+        q, k, v, o, fc1, fc2 = _hf_vit_linears(layer)
+        b = f"blocks.{i}."
         state |= {b + "norm1.weight": layer.layernorm_before.weight,
                   b + "norm1.bias": layer.layernorm_before.bias,
-                  b + "attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight,
-                                                    a.v_proj.weight]),
-                  b + "attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
-                  b + "attn.proj.weight": a.o_proj.weight, b + "attn.proj.bias": a.o_proj.bias,
+                  b + "attn.qkv.weight": torch.cat([q.weight, k.weight, v.weight]),
+                  b + "attn.qkv.bias": torch.cat([q.bias, k.bias, v.bias]),
+                  b + "attn.proj.weight": o.weight, b + "attn.proj.bias": o.bias,
                   b + "norm2.weight": layer.layernorm_after.weight,
                   b + "norm2.bias": layer.layernorm_after.bias,
-                  b + "mlp.fc1.weight": layer.mlp.fc1.weight, b + "mlp.fc1.bias": layer.mlp.fc1.bias,
-                  b + "mlp.fc2.weight": layer.mlp.fc2.weight, b + "mlp.fc2.bias": layer.mlp.fc2.bias}
+                  b + "mlp.fc1.weight": fc1.weight, b + "mlp.fc1.bias": fc1.bias,
+                  b + "mlp.fc2.weight": fc2.weight, b + "mlp.fc2.bias": fc2.bias}
     timm_model.load_state_dict(state)
     return timm_model
 

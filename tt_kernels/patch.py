@@ -21,6 +21,7 @@ q's dtype, or an extra head column that keeps the flash kernel), and while every
 is added, so a model with nothing to remove runs exactly as unpatched.
 """
 import numbers
+import operator
 import types
 import weakref
 from dataclasses import dataclass, field, fields
@@ -260,7 +261,7 @@ def _check_form(form, family):
 
 def _block_forward(self, x, *args, **kwargs):
     """Any family's block: attention, the reduction step, MLP (families/family.py)."""
-    masks = [a for a in args if a is not None] + [
+    masks = [a for a in args if a is not None and a is not False] + [
         v for name, v in kwargs.items()
         if ("mask" in name or name == "is_causal") and v is not None and v is not False]
     if masks:
@@ -273,14 +274,15 @@ def _block_forward(self, x, *args, **kwargs):
                                            tr.attention, **call)
     x = tr.reduce(self.token_reduction_index, x + _after(self, parts.after_attention, y))
     y = getattr(self, parts.mlp)(getattr(self, parts.norm2)(x))
-    return x + _after(self, parts.after_mlp, y)
+    x = x + _after(self, parts.after_mlp, y)
+    return (x,) if parts.tuple_output else x
 
 
 def _after(block, names, y):
     """The parts after a branch, in order: modules are called, a tensor (a layer scale kept as a
     bare parameter) multiplies, None is skipped."""
     for name in names:
-        part = getattr(block, name)
+        part = operator.attrgetter(name)(block)
         if isinstance(part, torch.Tensor):
             y = part * y
         elif part is not None:

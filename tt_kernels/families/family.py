@@ -18,14 +18,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Parts:
-    """Attribute names of a block's parts; the after_ parts run in order on a branch's output
-    (a module is called, a tensor, a layer scale kept as a bare parameter, multiplies)."""
+    """Attribute names (dotted for a part of a part) of a block's parts; the after_ parts run in
+    order on a branch's output (a module is called, a tensor, a layer scale kept as a bare
+    parameter, multiplies)."""
     norm1: str
     attention: str
     after_attention: tuple
     norm2: str
     mlp: str
     after_mlp: tuple
+    tuple_output: bool = False  # the block returns (tokens,) (transformers 4.x)
 
 
 def linear_macs(module):
@@ -117,9 +119,9 @@ class Family:
         raise NotImplementedError
 
     def block_macs(self, block):
-        """(attention's linear maps, the MLP's) per token."""
-        parts = self.parts_of(block)
-        return linear_macs(getattr(block, parts.attention)), linear_macs(getattr(block, parts.mlp))
+        """(attention's linear maps, the rest of the block's: the MLP's) per token."""
+        attention = linear_macs(getattr(block, self.parts_of(block).attention))
+        return attention, linear_macs(block) - attention
 
     def tail_macs(self, n):
         """The products after the last block, with n tokens left (pooling, heads)."""

@@ -1,11 +1,21 @@
-"""HF transformers (5.x) vision encoders: ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP.
+"""HF transformers vision encoders (5.x, and 4.40 on): ViT, DeiT, DINOv2 (with registers), CLIP
+and SigLIP.
 
-Their attention modules take an additive attention_mask in every implementation that computes
-the logits itself ("sdpa", "eager"), so the size bias enters as that mask and the model's own
-attention runs; flash attention 2 takes no bias and is refused. Queries and keys are read at the
-attention's q_proj / k_proj (before any scaling, as timm's). SigLIP's attention-pool head attends
-over the merged tokens with the same bias.
+In 5.x every attention module takes an additive attention_mask in the implementations that
+compute the logits themselves ("sdpa", "eager"), so the size bias enters as that mask and the
+model's own attention runs; flash attention 2 takes no bias and is refused. In 4.x CLIP's and
+SigLIP's attention take the mask too; ViT's, DeiT's and DINOv2's take only a head mask (which
+multiplies the probabilities), so where the bias is needed their attention runs from the
+module's own weights through SDPA (query, key, value, SDPA, the output projection), as their
+"sdpa" implementation does. Queries and keys are read at the query and key projections (before
+any scaling, as timm's). SigLIP's attention-pool head attends over the merged tokens with the
+same bias.
 """
+import contextlib
+import dataclasses
+
+import torch.nn.functional as F
+
 from .. import attention
 from .family import (Family, Parts, Undo, attention_pool_macs, capture_heads, conv_macs,
                      linear_macs, replace_method)
@@ -17,6 +27,12 @@ _CLIP = Parts("layer_norm1", "self_attn", (), "layer_norm2", "mlp", ())
 LAYERS = {"ViTLayer": _VIT, "DeiTLayer": _VIT, "Dinov2Layer": _DINOV2,
           "Dinov2WithRegistersLayer": _DINOV2, "CLIPEncoderLayer": _CLIP,
           "SiglipEncoderLayer": _CLIP}
+# transformers 4.x: layers return a tuple; ViT's and DeiT's MLP is intermediate, then output's
+# dense and dropout (its residual added by the block)
+_VIT4 = Parts("layernorm_before", "attention", (), "layernorm_after", "intermediate",
+              ("output.dense", "output.dropout"), tuple_output=True)
+LAYERS4 = {name: _VIT4 if parts is _VIT else dataclasses.replace(parts, tuple_output=True)
+           for name, parts in LAYERS.items()}
 
 # The model classes taken: their heads read the class token(s) or attention-pool the tokens.
 MODELS = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
@@ -44,7 +60,26 @@ def _layers(core):
 
 
 def _heads(attn):
-    return getattr(attn, "num_heads", None) or attn.num_attention_heads, attn.head_dim
+    if hasattr(attn, "q_proj"):
+        return getattr(attn, "num_heads", None) or attn.num_attention_heads, attn.head_dim
+    return attn.attention.num_attention_heads, attn.attention.attention_head_size  # 4.x ViT
+
+
+def _query_key(attn):
+    if hasattr(attn, "q_proj"):
+        return attn.q_proj, attn.k_proj
+    return attn.attention.query, attn.attention.key
+
+
+def _self_attention_4(attn, x, bias):
+    """transformers 4.x ViTAttention(x)[0] (DeiT's, DINOv2's alike) with the additive `bias`:
+    its projections, SDPA, its output projection."""
+    self = attn.attention
+    q, k, v = (proj(x).unflatten(-1, (self.num_attention_heads, -1)).transpose(1, 2)
+               for proj in (self.query, self.key, self.value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=self.dropout.p if self.training else 0.0)
+    return attn.output(out.transpose(1, 2).flatten(2), x)
 
 
 def _check_implementation(config):
@@ -92,10 +127,11 @@ class HFVision(Family):
         import transformers
 
         kind = type(model).__name__
-        if int(transformers.__version__.split(".")[0]) < 5:
-            raise NotImplementedError(
-                f"tt_kernels.patch takes HF transformers 5.x models (whose attention takes an "
-                f"additive mask in every layer); this is transformers {transformers.__version__}")
+        major, minor = map(int, transformers.__version__.split(".")[:2])
+        if (major, minor) < (4, 40):
+            raise NotImplementedError(f"tt_kernels.patch takes HF transformers 4.40 and later; "
+                                      f"this is {transformers.__version__}")
+        self.layers = LAYERS if major >= 5 else LAYERS4
         if kind in REFUSED:
             raise NotImplementedError(f"{kind} is not supported: {REFUSED[kind]}; patch its "
                                       "encoder (model.{}) instead".format(
@@ -107,9 +143,9 @@ class HFVision(Family):
         _check_implementation(self.core.config)
         self.blocks = list(_layers(self.core))
         for i, block in enumerate(self.blocks):
-            if type(block).__name__ not in LAYERS:
+            if type(block).__name__ not in self.layers:
                 raise TypeError(f"layer {i} is a {type(block).__name__}, not one of the layers "
-                                f"taken ({', '.join(LAYERS)})")
+                                f"taken ({', '.join(self.layers)})")
         embeddings = self.core.embeddings
         self.prefix = sum(hasattr(embeddings, name) for name in (
             "cls_token", "distillation_token", "class_embedding")) + getattr(
@@ -123,18 +159,19 @@ class HFVision(Family):
         self.map_head = getattr(self.core, "head", None)
 
     def parts_of(self, block):
-        return LAYERS[type(block).__name__]
+        return self.layers[type(block).__name__]
 
     @staticmethod
     def attend(block, x, size, form, **call):
         attn = getattr(block, block.token_reduction_parts.attention)
         if size is None:
             return attn(x)[0]
-        _check_implementation(attn.config)
         bias = attention.size_bias(size, attention.q_dtype(x))
-        if form != "cudnn":
-            return attn(x, attention_mask=bias)[0]
-        with attention.cudnn_kernel(x, "'auto' or 'mask'"):
+        with attention.cudnn_kernel(x, "'auto' or 'mask'") if form == "cudnn" else \
+                contextlib.nullcontext():
+            if not hasattr(attn, "q_proj"):
+                return _self_attention_4(attn, x, bias)
+            _check_implementation(attn.config)
             return attn(x, attention_mask=bias)[0]
 
     def features(self, x):
@@ -152,7 +189,7 @@ class HFVision(Family):
         heads = self.heads[0]
         for block in self.blocks:
             attn = getattr(block, self.parts_of(block).attention)
-            for proj, name in ((attn.q_proj, "_q"), (attn.k_proj, "_k")):
+            for proj, name in zip(_query_key(attn), ("_q", "_k")):
                 proj.token_reduction = tr
                 handles += [proj.register_forward_hook(capture_heads(name, heads)),
                             Undo(lambda proj=proj: delattr(proj, "token_reduction"))]

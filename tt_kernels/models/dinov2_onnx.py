@@ -25,8 +25,8 @@ What the graph does (read from the graph itself, checked by ``_parse`` on every 
   size (H, W); sigmoid -> ``output_importance`` [B, 1, H, W].
 
 ``load_dinov2_small()`` returns timm's ``vit_small_patch14_dinov2`` with every parameter taken
-from the ONNX initializers, ``load_dinov2_small_hf()`` HF transformers' own ``Dinov2Model`` (5.x)
-with them; ``load_saliency_decoder()`` the decoder. The saliency of images ``x``
+from the ONNX initializers, ``load_dinov2_small_hf()`` HF transformers' own ``Dinov2Model`` with
+them; ``load_saliency_decoder()`` the decoder. The saliency of images ``x``
 (preprocessed as above) is ``decoder(model.forward_features(x)[:, model.num_prefix_tokens:])``.
 """
 import functools
@@ -277,16 +277,19 @@ _HF5_NAMES = {"attention.attention.query": "attention.q_proj",
 
 
 def dinov2_small_hf_state_dict():
-    """HF transformers 5.x ``Dinov2Model`` state dict (fp32) from the ONNX file: the graph's names
-    are HF's, and HF keeps the 37x37 position grid, which it resizes at run time as the graph
-    does (bicubic, no antialias)."""
+    """HF transformers' ``Dinov2Model`` state dict (fp32) from the ONNX file: the graph's names
+    are HF's (4.x's; 5.x renamed the attention's), and HF keeps the 37x37 position grid, which it
+    resizes at run time as the graph does (bicubic, no antialias)."""
+    import transformers
+
+    renames = _HF5_NAMES if int(transformers.__version__.split(".")[0]) >= 5 else {}
     w = _weights()
     sd = {}
     for name in w:
         if not name.startswith(_BACKBONE):
             continue
         key = name[len(_BACKBONE):]
-        for old, new in _HF5_NAMES.items():
+        for old, new in renames.items():
             key = key.replace(old, new)
         linear = key.endswith(".weight") and (".attention." in key or ".mlp." in key)
         sd[key] = _t(w[name]).t().contiguous() if linear else _t(w[name])  # MatMul: [in, out]
@@ -298,7 +301,7 @@ def dinov2_small_hf_state_dict():
 
 
 def load_dinov2_small_hf():
-    """HF transformers' ``Dinov2Model`` (ViT-S/14, 5.x, SDPA attention), eval mode, fp32, CPU,
+    """HF transformers' ``Dinov2Model`` (ViT-S/14, SDPA attention), eval mode, fp32, CPU,
     with every tensor from the ONNX file (strict load: none left at its initial value)."""
     import transformers
 
