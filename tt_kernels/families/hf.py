@@ -46,12 +46,17 @@ HEADS = ("pooler", "classifier", "cls_classifier", "distillation_classifier", "v
 BIAS_TAKEN = ("sdpa", "eager")  # attention implementations that add an attention_mask to logits
 
 
+_CORES = ("vision_model", "vit", "deit", "dinov2")  # where a model keeps its vision encoder
+
+
+def _vision_core_name(model):
+    return next((name for name in _CORES if hasattr(model, name)), None)
+
+
 def _vision_core(model):
     """The module that holds the embeddings and the layers (the vision tower of CLIP/SigLIP)."""
-    for name in ("vision_model", "vit", "deit", "dinov2"):
-        if hasattr(model, name):
-            return getattr(model, name)
-    return model
+    name = _vision_core_name(model)
+    return model if name is None else getattr(model, name)
 
 
 def _layers(core):
@@ -134,8 +139,7 @@ class HFVision(Family):
         self.layers = LAYERS if major >= 5 else LAYERS4
         if kind in REFUSED:
             raise NotImplementedError(f"{kind} is not supported: {REFUSED[kind]}; patch its "
-                                      "encoder (model.{}) instead".format(
-                                          "dinov2" if hasattr(model, "dinov2") else "model"))
+                                      f"encoder, model.{_vision_core_name(model)}, instead")
         if kind not in MODELS:
             raise TypeError(f"tt_kernels.patch takes these HF transformers models: "
                             f"{', '.join(MODELS)}; got {kind}")
