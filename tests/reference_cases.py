@@ -13,7 +13,7 @@ import torch
 from conftest import DTYPES, WEIGHT_TOL, construction_kwargs, make_tokens, r_for, sum_tol, x_tol
 from tt_kernels import reference, verify
 
-# (method, k, alpha, targets); the transform rows cover every pair of k x alpha, k x targets and
+# (method, k, alpha, targets); the spread rows cover every pair of k x alpha, k x targets and
 # alpha x targets.
 CONSTRUCTIONS = [
     ("prune", 1, 0.0, "all"),
