@@ -2,6 +2,7 @@
 look like ViT tokens, and tolerances."""
 import atexit
 import functools
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -237,3 +238,11 @@ def tt(request):
             pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
         return SimpleNamespace(**{op: triton.kernel(op) for op in OPS})
     return host_ops(*HOST_PLANS[request.param])
+
+
+@pytest.fixture(scope="session")
+def photos_installed():
+    """Skips unless the packages that ship the photos (tt_kernels.data) are installed."""
+    for package in ("skimage", "foolbox"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")

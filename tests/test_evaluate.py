@@ -1,6 +1,5 @@
 """The main job's parts: the real pretrained model's fidelity, the probe, the token map, and top-1
 on an ImageFolder with the model's own preprocessing, in one process and split over two."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,8 @@ from PIL import Image
 
 import tt_kernels
 from tt_kernels import data, evaluate
-from tt_kernels.evaluate import correlation, imagefolder_top1, linear_probe
+from tt_kernels.evaluate import imagefolder_top1, linear_probe
+from tt_kernels.fidelity import correlation
 from tt_kernels.models.named import timm_transform
 from tt_kernels.visualize import save_token_maps, token_owner
 
@@ -158,12 +158,9 @@ def _job_args(root, checkpoint, out):
             "0.7", "--methods", "tome", "--skip-speed", "--quiet", "--workers", "0", "--batch", "2"]
 
 
-def test_torchrun_splits_top1_and_writes_once(folder_and_checkpoint, tmp_path):
+def test_torchrun_splits_top1_and_writes_once(folder_and_checkpoint, tmp_path, photos_installed):
     """2 gloo processes count the same top-1 as one process, each image once (not the sampler's
     8), and only rank 0 prints and writes."""
-    for package in ("skimage", "foolbox"):  # the photos the job always measures on
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed")
     root, checkpoint = folder_and_checkpoint
     one = evaluate.main(_job_args(root, checkpoint, tmp_path / "one"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -182,17 +179,11 @@ def test_torchrun_splits_top1_and_writes_once(folder_and_checkpoint, tmp_path):
     assert one[0]["top1_correct"] == 4  # the unreduced model, as the head was written
 
 
-def _photos_or_skip():
-    for package in ("skimage", "foolbox"):  # the photos the job always measures on
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed")
-
-
-def test_main_job_takes_an_hf_model_folder_and_its_preprocessing(folder_and_checkpoint, tmp_path):
+def test_main_job_takes_an_hf_model_folder_and_its_preprocessing(folder_and_checkpoint, tmp_path,
+                                                                 photos_installed):
     """--model hf:<folder>: the classifier and image processor saved by save_pretrained, top-1
     through the processor's own preprocessing, every configuration patched."""
     transformers = pytest.importorskip("transformers")
-    _photos_or_skip()
     root, _ = folder_and_checkpoint
     torch.manual_seed(0)
     config = transformers.ViTConfig(image_size=64, patch_size=8, hidden_size=48,
@@ -218,11 +209,10 @@ def test_main_job_takes_an_hf_model_folder_and_its_preprocessing(folder_and_chec
     assert (tmp_path / "out" / "tokens.png").exists()
 
 
-def test_main_job_takes_an_open_clip_architecture(tmp_path):
+def test_main_job_takes_an_open_clip_architecture(tmp_path, photos_installed):
     """--model open_clip:ViT-B-32 (random init: no network): open_clip's image tower with its
     own preprocessing settings, patched at the budget."""
     pytest.importorskip("open_clip")
-    _photos_or_skip()
     rows = evaluate.main(["--device", "cpu", "--model", "open_clip:ViT-B-32", "--out",
                           str(tmp_path), "--images", "2", "--probe-images", "0", "--budgets",
                           "0.7", "--methods", "tome", "--skip-speed", "--quiet", "--batch", "2"])

@@ -1,0 +1,102 @@
+"""bench/candidates.py, the many-to-many constructions the fidelity sweep studies, and the sweep's
+shaped schedules: each T is a valid T in the package's format, the adapter runs the default
+exactly when the candidate builds the default's T, and a shaped schedule meets its budget."""
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import tt_kernels
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))  # sweep_fidelity imports candidates from beside it
+candidates = importlib.import_module("candidates")
+_SPEC = importlib.util.spec_from_file_location("sweep_fidelity", BENCH / "sweep_fidelity.py")
+sweep_fidelity = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(sweep_fidelity)
+sys.path.remove(str(BENCH))
+
+BUDGET = 0.6
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=96,
+                              depth=4).eval()
+    return model, torch.randn(2, 3, 96, 96)
+
+
+def _run(model, images, construction=None):
+    patched = tt_kernels.patch(copy.deepcopy(model), flops=BUDGET, record=True)
+    if construction is not None:
+        candidates.install(patched, construction)
+    with torch.inference_mode():
+        out = patched.forward_features(images)
+    return out, patched.token_reduction.steps
+
+
+def test_the_default_s_t_through_the_adapter_is_the_default(model_and_images):
+    """adaptive() never splits at a vanishing gap: then it builds the default's T (Ward's closest
+    kept B token, weight 1), and the model's output is bit-equal to the patched default's."""
+    model, images = model_and_images
+    want, want_steps = _run(model, images)
+    got, got_steps = _run(model, images, lambda s: candidates.adaptive(s, 1e-30))
+    assert torch.equal(got, want)
+    for g, w in zip(got_steps, want_steps):
+        assert torch.equal(g.weight[..., 0], w.weight[..., 0])
+        assert torch.equal(g.dst[..., 0], w.dst[..., 0])
+
+
+@pytest.mark.parametrize("name", list(candidates.CANDIDATES))
+def test_every_candidate_builds_a_valid_t(model_and_images, name):
+    """A removed token's weights sum to 1 (size is conserved) and go to kept tokens' rows, or sum
+    to 0 where prune_then_merge drops it (round(share * r) of them); kept tokens send 1 to their
+    own row, in order; r tokens leave, as in the default."""
+    model, images = model_and_images
+    seen = []
+
+    def recorded(step):
+        seen.append(step)
+        return candidates.CANDIDATES[name](step)
+
+    _, steps = _run(model, images, recorded)
+    assert len(steps) == len(_run(model, images)[1])
+    for step, t in zip(seen, steps):
+        total = t.weight.sum(-1)
+        ones = (total - 1).abs() < 1e-6  # fp32 sum of fp32 shares: a few ulp
+        assert t.n_out == t.weight.shape[1] - step.r and int(t.dst.max()) < t.n_out
+        if "prune" in name:
+            share = float(name.split("%")[0].split()[-1]) / 100
+            assert ((total == 0).sum(1) == round(share * step.r)).all()
+            assert (ones | (total == 0)).all()
+            continue
+        assert ones.all()
+        keep = step.default_keep()
+        own = keep.long().cumsum(1) - 1
+        assert torch.equal(t.dst[..., 0][keep], own[keep])
+        assert (t.weight[..., 0][keep] == 1).all() and (t.weight[..., 1:][keep] == 0).all()
+
+
+def test_output_centric_spreads_where_targets_gather(model_and_images):
+    """With k >= 2 targets gathering each, some removed token is shared by several outputs."""
+    model, images = model_and_images
+    _, steps = _run(model, images, candidates.CANDIDATES["output-centric k=4"])
+    assert any(((s.weight > 0).sum(-1) > 1).any() for s in steps)
+
+
+@pytest.mark.parametrize("slope", sweep_fidelity.SLOPES)
+def test_shaped_schedule_meets_the_budget_and_leans_as_asked(model_and_images, slope):
+    model, _ = model_and_images
+    model = copy.deepcopy(model)
+    n0 = model.patch_embed.num_patches + 1
+    schedule = sweep_fidelity.shaped_schedule(model, n0, BUDGET, slope)
+    full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
+    dim = model.blocks[0].attn.qkv.in_features
+    assert tt_kernels.vit_flops(model, n0, schedule, metric_dim=dim) <= BUDGET * full
+    # the least scale that fits: one more token in the first block exceeds the budget
+    assert schedule[-1] == 0 and (schedule[0] > schedule[-2]) == (slope > 0)
