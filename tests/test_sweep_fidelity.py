@@ -1,6 +1,7 @@
-"""bench/candidates.py, the many-to-many constructions the fidelity sweep studies, and the sweep's
-shaped schedules: each T is a valid T in the package's format, the adapter runs the default
-exactly when the candidate builds the default's T, and a shaped schedule meets its budget."""
+"""bench/sweep_fidelity.py and the many-to-many constructions it studies (bench/candidates.py):
+each candidate's T is a valid T in the package's format, the adapter runs the default exactly
+when the candidate builds the default's T, a shaped schedule meets its budget, and the rule that
+chooses the default keeps it unless the photos tell a challenger apart."""
 import copy
 import importlib.util
 import sys
@@ -100,3 +101,32 @@ def test_shaped_schedule_meets_the_budget_and_leans_as_asked(model_and_images, s
     assert tt_kernels.vit_flops(model, n0, schedule, metric_dim=dim) <= BUDGET * full
     # the least scale that fits: one more token in the first block exceeds the budget
     assert schedule[-1] == 0 and (schedule[0] > schedule[-2]) == (slope > 0)
+
+
+def _rows_and_losses(challenger_loss, images=40):
+    """Rows and tuning CLS cosines of ToMe, the default and one challenger at two budgets; per
+    image CLS losses: ToMe 0.02, the default 0.01, the challenger `challenger_loss(i)`."""
+    names = {sweep_fidelity.TOME: lambda i: 0.02, sweep_fidelity.INCUMBENT: lambda i: 0.01,
+             "challenger": challenger_loss}
+    rows, cls = [], {}
+    for budget in (0.6, 0.8):
+        for name, loss in names.items():
+            cls[name, budget] = 1 - torch.tensor([loss(i) for i in range(images)],
+                                                 dtype=torch.float64)
+            ratio = (1 - cls[name, budget]).mean() / 0.02
+            rows.append(dict(name=name, kind="ops", budget=budget,
+                             tuning={"cls_loss_to_tome": ratio.item()}))
+    return rows, cls
+
+
+@pytest.mark.parametrize("spread, switches", [(0.0, True), (0.008, False)])
+def test_the_default_changes_only_for_a_difference_the_photos_tell(spread, switches):
+    """A challenger with 10% less loss on every image replaces the default; one with 10% less
+    on average but alternating +-`spread` between photos (20 photos, 2 views each) keeps it."""
+    from tt_kernels.fidelity import resamples
+    rows, cls = _rows_and_losses(lambda i: 0.009 + spread * (-1) ** (i // 2))
+    draws = resamples([str(i // 2) for i in range(40)], count=500)
+    chosen = sweep_fidelity.choose(rows, cls, draws)
+    assert chosen["best"] == "challenger"
+    assert chosen["loss_to_default"] == pytest.approx(0.9)
+    assert chosen["default"] == ("challenger" if switches else sweep_fidelity.INCUMBENT)
