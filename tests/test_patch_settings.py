@@ -170,7 +170,7 @@ def test_changing_r_in_place_solves_the_schedule_again():
 
 # Another valid value of every setting.
 CHANGES = dict(r=5, flops=0.8, method="tome", k=2, tau=0.2, source="mix", alpha=0.25,
-               targets="all", cost="cosine", mode="mean", metric="keys", backend="reference",
+               targets="b", cost="cosine", mode="mean", metric="keys", backend="reference",
                record=True, attention="mask", prefix=1)
 
 

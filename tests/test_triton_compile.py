@@ -39,9 +39,9 @@ D = 64  # a head's width; the metric's width is a run-time loop bound, no conste
 # The standard models' token counts: DeiT at 224 px, DINOv2-S/14 at 224, ViT-L at 384, DINOv2 at
 # 518: N rounded up to a power of 2 picks match_kernel's configuration.
 TOKENS = (197, 257, 577, 1370)
-# The patch's default step (tt_kernels.patch: transform, k = 1, B targets, Ward, norm) in bf16,
-# and the heaviest construction (k = 4, alpha mix, Ward) in fp32, at each standard N.
-DEFAULT = dict(op="transform", method="spread", k=1, targets="b", cost="ward", mode="norm",
+# The patch's default step (tt_kernels.patch: transform, k = 1, all targets, Ward, norm) in bf16,
+# and the heaviest construction (k = 4, alpha mix, B targets, Ward) in fp32, at each standard N.
+DEFAULT = dict(op="transform", method="spread", k=1, targets="all", cost="ward", mode="norm",
                dtype="bfloat16")
 HEAVY = dict(op="transform", method="spread", k=4, alpha=0.5, targets="b", cost="ward",
              mode="mean", dtype="float32")

@@ -56,7 +56,7 @@ class TokenReduction:
     tau: float = 0.1
     source: str = "redundancy"
     alpha: float = None
-    targets: str = "b"
+    targets: str = "all"  # chosen by bench/sweep_fidelity.py's rule on the tuning photos
     cost: str = "ward"  # cost, mode and metric apply to method="spread"
     mode: str = "norm"
     metric: str = "queries"  # "queries" / "keys": all heads side by side; "keys_mean": averaged
@@ -291,7 +291,7 @@ def _after(block, names, y):
 
 
 def patch(model, r=0, *, flops=None, method="spread", k=1, tau=0.1, source="redundancy",
-          alpha=None, targets="b", cost="ward", mode="norm", metric="queries", backend=None,
+          alpha=None, targets="all", cost="ward", mode="norm", metric="queries", backend=None,
           record=False, attention="auto"):
     """Installs Token Transforming in `model`, in place; returns the model. The model is a
     timm VisionTransformer, an HF transformers vision model or an open_clip VisionTransformer

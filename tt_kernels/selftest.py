@@ -37,7 +37,7 @@ QUICK = {"tiny-37": (37, 24, 2, (1, 4)), "tiny-64": (64, 32, 2, (1, 4))}
 HEAD_DIM = 64
 # name: (tt.match keywords, apply mode); "default" is tt_kernels.patch's default step.
 CONSTRUCTIONS = {
-    "default": (dict(method="spread", k=1, tau=0.1, alpha=0.0, targets="b", cost="ward"),
+    "default": (dict(method="spread", k=1, tau=0.1, alpha=0.0, targets="all", cost="ward"),
                 "norm"),
     "transform-k4": (dict(method="spread", k=4, tau=0.1, alpha=0.5, targets="all",
                           cost="cosine"), "mean"),
