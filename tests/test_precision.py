@@ -38,11 +38,15 @@ def _assert_within_rounding(got, want, dtype):
 
 
 def _assert_sizes_conserved(model, method):
-    """Merging keeps every patch; pruning keeps the kept ones only."""
+    """Merging keeps every patch; pruning keeps the kept ones only. Sizes are fp32 sums of fp32
+    shares: a token's shares sum to 1 within 2 eps (k > 1: a softmax's division) and a step's
+    total adds N terms, so each step may move the total by (N + 2) eps relatively."""
     total = model.token_reduction.size.sum(1)
-    kept = N0 - sum(model.token_reduction.schedule)
-    want = kept if method == "prune" else N0
-    assert torch.equal(total, torch.full_like(total, want))
+    schedule = model.token_reduction.schedule
+    want = N0 - sum(schedule) if method == "prune" else N0
+    steps = sum(r > 0 for r in schedule)
+    torch.testing.assert_close(total, torch.full_like(total, want), atol=0,
+                               rtol=steps * (N0 + 2) * torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
