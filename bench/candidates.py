@@ -88,7 +88,6 @@ def output_centric(step, k=4, tau=0.1):
     chosen = _largest(aff.transpose(1, 2), k)  # [B, i, k]: each target's k closest removed
     hit = torch.isfinite(aff.transpose(1, 2).gather(-1, chosen))
     gathered.transpose(1, 2).scatter_(-1, chosen, hit)
-    gathered &= allowed  # only kept B tokens gather
     best = _largest(aff, 1)  # [B, j, 1]
     orphan = removed & ~gathered.any(-1)
     gathered |= orphan[:, :, None] & torch.zeros_like(gathered).scatter_(-1, best, True)

@@ -37,7 +37,8 @@ import torch
 import tt_kernels
 from tt_kernels import data
 from tt_kernels.evaluate import run_features
-from tt_kernels.fidelity import agreement, interval, resamples
+from tt_kernels.fidelity import agreement, interval, resamples, summary
+from tt_kernels.patch import TokenReduction
 from tt_kernels.models import dinov2_onnx
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -76,7 +77,7 @@ def shaped_schedule(model, n0, budget, slope):
     depth = len(model.blocks)
     shape = [1 + slope * (1 - 2 * i / (depth - 2)) for i in range(depth - 1)] + [0]
     full = tt_kernels.vit_flops(model, n0, [0] * depth)
-    dim = model.blocks[0].attn.qkv.in_features  # the default's metric: all heads' queries
+    dim = TokenReduction().metric_dim(model)  # the default's metric
 
     def schedule(c):
         return [max(0, round(c * w)) for w in shape]
@@ -92,9 +93,7 @@ def shaped_schedule(model, n0, budget, slope):
 def kind_of(settings):
     """"ops" for settings that run on every model patch() takes, "ops, class token" for those that
     read the class token's attention (a model without a class token refuses them)."""
-    scored = settings.get("method") in ("prune", "evit") or settings.get("source") in (
-        "mix", "importance")
-    return "ops, class token" if scored else "ops"
+    return "ops, class token" if TokenReduction(**settings).needs_score() else "ops"
 
 
 def configurations(model, n0, budget):
@@ -125,11 +124,7 @@ def summarise(per_image, baselines, draws):
         row[f"cls_loss_to_{baseline}"] = (loss.mean() / other.mean()).item()
         row[f"cls_loss_to_{baseline}_interval"] = interval(
             lambda i: loss[i].mean() / other[i].mean(), draws)
-    for name, value in per_image.items():
-        row[name] = value.mean().item()
-        row[name + "_interval"] = interval(lambda i: value[i].mean(), draws)
-        row[name + "_worst"] = value.min().item()
-    return row
+    return {**row, **summary(per_image, draws)}
 
 
 def main():

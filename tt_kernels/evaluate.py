@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api, data
-from .fidelity import agreement, interval, resamples
+from .fidelity import agreement, resamples, summary
 from .families import family_of
 from .flops import vit_flops
 from .machine import cpu_model
@@ -126,11 +126,7 @@ def fidelity(patched, images, probe, decoder, reference, draws, args):
     its bootstrap interval over the resamples `draws`, and worst image), and the linear probe's
     accuracy on its features."""
     got = outputs(patched, images, decoder, args)
-    row = {}
-    for name, value in agreement(got, reference).items():
-        row[name] = value.mean().item()
-        row[name + "_interval"] = interval(lambda i: value[i].mean(), draws)
-        row[name + "_worst"] = value.min().item()
+    row = summary(agreement(got, reference), draws)
     if decoder is not None:
         row["saliency_mae"] = (got["saliency"] - reference["saliency"]).abs().mean().item()
     if probe is not None:

@@ -33,6 +33,17 @@ def agreement(got, reference):
     return {name: value.double().cpu() for name, value in out.items()}
 
 
+def summary(per_image, draws):
+    """{name: [B] values} -> {name: mean, name_interval: (low, high) over the resamples `draws`,
+    name_worst: min}."""
+    row = {}
+    for name, value in per_image.items():
+        row[name] = value.mean().item()
+        row[name + "_interval"] = interval(lambda i: value[i].mean(), draws)
+        row[name + "_worst"] = value.min().item()
+    return row
+
+
 def resamples(photos, count=RESAMPLES, seed=0):
     """`count` bootstrap resamples of the images whose photos are `photos` (one name per image):
     a list of index tensors, each every view of len(set(photos)) photos drawn with replacement."""
