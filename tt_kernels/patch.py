@@ -270,11 +270,12 @@ def _block_forward(self, x, *args, **kwargs):
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
         tr.start(x.shape[1], x.device)
     call = {name: v for name, v in kwargs.items() if "mask" not in name and name != "is_causal"}
-    y = self.token_reduction_family.attend(self, getattr(self, parts.norm1)(x), tr.size,
-                                           tr.attention, **call)
-    x = tr.reduce(self.token_reduction_index, x + _after(self, parts.after_attention, y))
-    y = getattr(self, parts.mlp)(getattr(self, parts.norm2)(x))
-    x = x + _after(self, parts.after_mlp, y)
+    # each branch's output is a temporary, freed as soon as it is added (as in the unpatched
+    # block): a name holding it would keep one more [B, N, D] alive through the MLP
+    x = tr.reduce(self.token_reduction_index, x + _after(
+        self, parts.after_attention, self.token_reduction_family.attend(
+            self, getattr(self, parts.norm1)(x), tr.size, tr.attention, **call)))
+    x = x + _after(self, parts.after_mlp, getattr(self, parts.mlp)(getattr(self, parts.norm2)(x)))
     return (x,) if parts.tuple_output else x
 
 

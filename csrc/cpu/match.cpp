@@ -1,9 +1,11 @@
 // CPU tt.match: the constructions of T (prune, evit, tome, spread), one image at a time. Which
 // tokens leave comes first (by importance or by redundancy), then where each one goes. The
-// cosine similarities come from one batched fp32 GEMM over the pairs the construction reads (A x
-// B tokens for ToMe and targets "b") and every affinity follows the reference's formula, so
-// selections are the reference's (float64) except between affinities within fp32 rounding of each
-// other; exact ties go to the lower index in both.
+// cosine similarities come from one batched fp32 GEMM of the raw metric over the pairs the
+// construction reads (A x B tokens for ToMe and targets "b"), scaled by both tokens' inverse norms
+// (no normalised copy of the metric is written; the rounding stays within verify.cosine_error),
+// and every affinity follows the reference's formula, so selections are the reference's (float64)
+// except between affinities within fp32 rounding of each other; exact ties go to the lower index
+// in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "../tt.h"
@@ -45,22 +48,25 @@ struct Grid {
   }
 };
 
-// The metric's unit rows of `tokens`, [B, count, D] fp32. The rows are read where they lie (the
-// model's queries are a strided view): only the channels must be contiguous, for the norm to
-// round as on a contiguous tensor.
-at::Tensor unit_rows(const at::Tensor& metric, const Tokens& tokens) {
-  const auto rows = metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count,
-                                 tokens.step);
-  return rows / at::linalg_vector_norm(rows, 2, {-1}, /*keepdim=*/true).clamp_min(NORM_EPS);
+// The metric's rows `tokens`, [B, count, D], read where they lie (the model's queries are a
+// strided view).
+at::Tensor rows_of(const at::Tensor& metric, const Tokens& tokens) {
+  return metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count, tokens.step);
 }
 
-// Cosine similarity of the grid's rows with its columns, [B, rows, cols].
-at::Tensor similarity(const at::Tensor& metric_in, const Grid& grid) {
+// What the cosines are made of: the dot products of the grid's rows with its columns [B, rows,
+// cols] and every token's inverse norm [B, N] (a zero vector's norm clamped to NORM_EPS: its
+// cosines are 0), fp32. Only the channels must be contiguous, for the norms to round as on a
+// contiguous tensor.
+std::tuple<at::Tensor, at::Tensor> dot_products(const at::Tensor& metric_in, const Grid& grid) {
   auto metric = metric_in.to(at::kFloat);
   if (metric.stride(2) != 1) metric = metric.contiguous();
-  const at::Tensor rows = unit_rows(metric, grid.rows);
+  const at::Tensor inv_norm = at::linalg_vector_norm(metric, 2, {-1}).clamp_min(NORM_EPS)
+                                  .reciprocal();
+  const at::Tensor rows = rows_of(metric, grid.rows);
   const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
-  return at::bmm(rows, (same ? rows : unit_rows(metric, grid.cols)).transpose(1, 2));
+  return {at::bmm(rows, (same ? rows : rows_of(metric, grid.cols)).transpose(1, 2)),
+          inv_norm.contiguous()};
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -69,15 +75,18 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
                    [&](int64_t a, int64_t b) { return key[a] > key[b]; });
 }
 
-// Ward's affinity in place: -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
-void ward_affinity(float* sim, const float* size, const Grid& grid) {
+// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j, and for
+// Ward's cost -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
+void affinities(float* sim, const float* inv_norm, const float* size, bool ward,
+                const Grid& grid) {
   const int64_t n_cols = grid.cols.count;
   for (int64_t i = 0; i < grid.rows.count; ++i) {
-    const float s_i = size[grid.rows.token(i)];
+    const float inv_i = inv_norm[grid.rows.token(i)], s_i = size[grid.rows.token(i)];
+    float* row = sim + i * n_cols;
     for (int64_t j = 0; j < n_cols; ++j) {
+      const float cosine = row[j] * inv_i * inv_norm[grid.cols.token(j)];
       const float s_j = size[grid.cols.token(j)];
-      const float pair = s_i * s_j / std::max(s_i + s_j, SCORE_EPS);
-      sim[i * n_cols + j] = -(pair * (1.f - sim[i * n_cols + j]));
+      row[j] = ward ? -(s_i * s_j / std::max(s_i + s_j, SCORE_EPS) * (1.f - cosine)) : cosine;
     }
   }
 }
@@ -165,12 +174,12 @@ void spread(const Construction& c, const Affinities& sim, int64_t j,
   }
 }
 
-// One image: fills dst/weight [N, K] from its affinities `sim` (data null when the construction
-// reads none) and `score` [N].
-void match_image(const Construction& c, const Affinities& sim, const float* score,
-                 const float* size, int64_t* dst, float* weight) {
+// One image: fills dst/weight [N, K] from its dot products and inverse norms (sim.data and
+// inv_norm null when the construction reads none), `score` [N] and `size` [N].
+void match_image(const Construction& c, const Affinities& sim, const float* inv_norm,
+                 const float* score, const float* size, int64_t* dst, float* weight) {
   const int64_t N = c.tokens, K = c.slots();
-  if (c.ward) ward_affinity(sim.data, size, sim.grid);
+  if (sim.data) affinities(sim.data, inv_norm, size, c.ward, sim.grid);
 
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
@@ -245,13 +254,15 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   auto weight = at::empty({B, N, K}, opts);
   const bool needs_sim = !c.by_importance() || c.method == Method::Spread;
   const Grid grid(c);
-  const at::Tensor sim = needs_sim ? similarity(*metric, grid) : at::Tensor();
+  at::Tensor sim, inv_norm;
+  if (needs_sim) std::tie(sim, inv_norm) = dot_products(*metric, grid);
   const int64_t per_image = grid.rows.count * grid.cols.count;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
+                  needs_sim ? inv_norm.data_ptr<float>() + b * N : nullptr,
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);
