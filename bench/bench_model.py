@@ -13,10 +13,14 @@ each repeat runs every row once in turn, so drift hits all alike):
   bound                        the zero-overhead bound: the same model and the default's per-block
                                token schedule, each block dropping its last r tokens by slicing
                                (no similarity, no merge, no mask)
+  bound, tome's schedule       the same for tome's schedule (its similarity is cheaper than the
+  bound, constant r            default's: it meets the budget removing fewer tokens) and for the
+                               published patch's constant r: each reducing row is held to the
+                               bound of the schedule it runs
 With --compile each row also runs under torch.compile(dynamic=False; fullgraph=True) and unpatched
 timm under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only). A row that fails (a
 compile error, a kernel that does not run on this device) records its error; the others go on.
-Reducing rows also report their time as a fraction of the bound's in the same compile mode
+Reducing rows also report their time as a fraction of their bound's in the same compile mode
 ("of bound": bound time / row time), r=0 of timm's. FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
@@ -102,7 +106,7 @@ def tome_published(model, r):
         attn_out, metric = _tome_attention(self.attn, self.norm1(x), state["size"])
         x = x + self.drop_path1(self.ls1(attn_out))
         size = state["size"] if state["size"] is not None else x.new_ones(*x.shape[:2], 1)
-        n_r = min(r, (x.shape[1] - 1) // 2)
+        n_r = _published_r(r, x.shape[1])
         if n_r > 0:
             x, state["size"] = _bipartite_merge(x, size, metric, n_r)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -119,11 +123,24 @@ def tome_published(model, r):
     return model
 
 
+def _published_r(r, n):
+    """What ToMe's patch merges of n tokens when asked for r: at most half, the class token kept."""
+    return max(min(r, (n - 1) // 2), 0)
+
+
+def published_schedule(n0, r, depth):
+    """The r each of `depth` blocks of tome_published(model, r) merges, from n0 tokens."""
+    schedule = []
+    for _ in range(depth):
+        schedule.append(_published_r(r, n0 - sum(schedule)))
+    return schedule
+
+
 def constant_r(model, n0, budget):
     """ToMe's own convention: one r for every block (the smallest meeting the budget)."""
-    full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
-    return next(r for r in range(n0) if
-                tt_kernels.vit_flops(model, n0, [r] * len(model.blocks)) <= budget * full)
+    def flops(r):
+        return tt_kernels.vit_flops(model, n0, published_schedule(n0, r, len(model.blocks)))
+    return next(r for r in range(n0) if flops(r) <= budget * flops(0))
 
 
 # ----------------------------------------------------------------------------- the bound
@@ -178,6 +195,9 @@ def eager_models(base, budget, backend=None):
         return dict(prefix=tr.prefix, by_importance=tr.by_importance, method=tr.method,
                     metric_dim=tr.metric_dim(base))
 
+    def bound(schedule):  # no similarity: FLOPs counted as for pruning, whose steps compute none
+        return zero_overhead_bound(copy.deepcopy(base), schedule), dict(method="prune")
+
     return {
         BASELINE: (base, {}),
         "tt_kernels default": (default, counted(default)),
@@ -185,10 +205,9 @@ def eager_models(base, budget, backend=None):
         "tt_kernels r=0": (tt_kernels.patch(copy.deepcopy(base), r=0, backend=backend), {}),
         f"ToMe published patch (r={r_tome})": (tome_published(copy.deepcopy(base), r_tome),
                                                 dict(method="tome")),
-        # no similarity: FLOPs counted as for pruning, whose steps compute none
-        "bound": (zero_overhead_bound(copy.deepcopy(base),
-                                      default.token_reduction.schedule_for(n0)),
-                  dict(method="prune")),
+        "bound": bound(default.token_reduction.schedule_for(n0)),
+        "bound, tome's schedule": bound(tome.token_reduction.schedule_for(n0)),
+        "bound, constant r": bound(published_schedule(n0, r_tome, len(base.blocks))),
     }
 
 
@@ -277,10 +296,11 @@ def run_case(eager, base, n0, args, batch, log, deadline):
         except Exception as exc:  # noqa: BLE001 - the row records why; the bench goes on
             results[name] = dict(status="error", error=_error(exc))
             log(f"  {name}: {results[name]['error']}")
-    bound_schedule = results.get("bound", {}).get("schedule")
-    default_schedule = results.get("tt_kernels default", {}).get("schedule")
-    if None not in (bound_schedule, default_schedule) and bound_schedule != default_schedule:
-        raise RuntimeError(f"the bound ran {bound_schedule}, the default {default_schedule}")
+    for name, row in results.items():  # each reducing row ran its bound's schedule
+        bound_schedule = results.get(_bound_of(name) or "", {}).get("schedule")
+        if "schedule" in row and bound_schedule not in (None, row["schedule"]):
+            raise RuntimeError(f"{_bound_of(name)} ran {bound_schedule}, {name} "
+                               f"{row['schedule']}")
     times = measure.time_forwards(fns, x, args.repeats, args.warmup)
     seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
@@ -301,12 +321,12 @@ def run_case(eager, base, n0, args, batch, log, deadline):
 
 def _bound_of(name):
     """The row whose time is `name`'s zero-overhead bound: r=0's is timm, a reducing row's the
-    bound, each in the same compile mode; None for the references themselves."""
+    bound of its schedule, each in the same compile mode; None for the references themselves."""
     compiled = compiled_name if name.endswith(" compiled") else (lambda same: same)
-    if name.startswith("tt_kernels r=0"):
-        return compiled(BASELINE)
-    if name.startswith(("tt_kernels", "ToMe")):
-        return compiled("bound")
+    for row, bound in (("tt_kernels r=0", BASELINE), ("tt_kernels tome", "bound, tome's schedule"),
+                       ("tt_kernels", "bound"), ("ToMe published patch", "bound, constant r")):
+        if name.startswith(row):
+            return compiled(bound)
     return None
 
 
@@ -329,8 +349,7 @@ def file_name(model_name, args, info):
     if args.device.type == "cuda":
         mode = f"{args.dtype}{'-amp' if args.amp else ''}{'-compile' if args.compile else ''}"
         return f"model-{slug(torch.cuda.get_device_name(args.device))}-{model_name}-{mode}.json"
-    return (f"model-{model_name}-{info['cpu_model'].split()[0].lower()}"
-            f"-{info['usable_cpus']}c.json")
+    return f"model-{model_name}-{slug(info['cpu_model']).split('-')[0]}-{info['usable_cpus']}c.json"
 
 
 def case_table(results):

@@ -59,7 +59,10 @@ def test_every_row_at_every_batch(tmp_path):
     record = _record(tmp_path)
     n0 = 37
     r_tome = bench_model.constant_r(_tiny(), n0, BUDGET)
-    reducing = ["tt_kernels default", "tt_kernels tome", f"ToMe published patch (r={r_tome})"]
+    published = f"ToMe published patch (r={r_tome})"
+    bound_of = {"tt_kernels default": "bound", "tt_kernels tome": "bound, tome's schedule",
+                published: "bound, constant r"}
+    reducing = list(bound_of)
     unreduced = ["timm eager", "tt_kernels r=0"]
     schedule = _default_schedule()
     assert sum(schedule) > 0  # the budget removes tokens, so the rows below differ
@@ -67,7 +70,7 @@ def test_every_row_at_every_batch(tmp_path):
     assert [case["batch"] for case in record["cases"]] == [1, 2]
     for case in record["cases"]:
         rows = case["rows"]
-        assert set(rows) == set(reducing + unreduced + ["bound"])
+        assert set(rows) == set(reducing + unreduced + list(bound_of.values()))
         for name, row in rows.items():
             assert row["status"] == "ok", (name, row)
             assert row["ms"] > 0 and math.isclose(row["images_per_s"],
@@ -78,9 +81,13 @@ def test_every_row_at_every_batch(tmp_path):
             assert rows[name]["flops_fraction"] == 1.0 and sum(rows[name]["schedule"]) == 0
         for name in reducing:  # met from below; ToMe's constant r lands coarser
             assert 0.5 < rows[name]["flops_fraction"] <= BUDGET, name
-            assert rows[name]["bound_row"] == "bound" and rows[name]["of_bound"] > 0
+            # each held to the bound of the schedule it ran
+            assert rows[name]["bound_row"] == bound_of[name] and rows[name]["of_bound"] > 0
+            assert rows[bound_of[name]]["schedule"] == rows[name]["schedule"], name
         assert rows["tt_kernels r=0"]["bound_row"] == "timm eager"
-        assert rows["bound"]["schedule"] == rows["tt_kernels default"]["schedule"] == schedule
+        assert rows["tt_kernels default"]["schedule"] == schedule
+        assert rows[published]["schedule"] == bench_model.published_schedule(n0, r_tome,
+                                                                             len(schedule))
         # the bound computes no similarity: below the default by that alone
         assert rows["bound"]["flops_fraction"] < rows["tt_kernels default"]["flops_fraction"]
 
