@@ -11,7 +11,8 @@ correlation after restore (dense fidelity), mean with interval and worst.
 
 Configurations: the ops' settings (shippable as a default), the many-to-many constructions under
 study (bench/candidates.py, in PyTorch: no kernel yet), and per-layer schedules of other shapes
-at the same FLOPs.
+at the same FLOPs: three fixed shapes, and one searched for the default on the tuning photos at
+each budget (searched_schedule).
 
 The choice, on the tuning photos alone: among the configurations that can be the default (the
 ops' settings that run on every model patch() takes, so none that needs the class token's
@@ -37,7 +38,9 @@ import torch
 import tt_kernels
 from tt_kernels import data
 from tt_kernels.evaluate import run_features
+from tt_kernels.families import family_of
 from tt_kernels.fidelity import agreement, interval, resamples, summary
+from tt_kernels.flops import step_sizes
 from tt_kernels.patch import TokenReduction
 from tt_kernels.models import dinov2_onnx
 
@@ -90,20 +93,71 @@ def shaped_schedule(model, n0, budget, slope):
     return schedule(high)
 
 
+SEARCHED = "default, schedule searched on the tuning photos"
+SEARCH_VIEWS = data.TWO_VIEWS  # the search's images: these views of the tuning photos
+SEARCH_STEPS = (8, 4, 2)  # tokens a move of searched_schedule shifts, coarse to fine
+
+
+def searched_schedule(model, n0, budget, loss):
+    """A per-block schedule for the default, searched training-free for the least `loss(r)` (the
+    tuning photos' CLS loss with schedule r) within `budget` (similarity counted): from the
+    schedule the solver gives, each move removes `step` more tokens in one block and, in a
+    neighbouring block, as many fewer as the budget then allows; the best move is kept while it
+    lowers the loss, then the step is halved. DiffRate searches per-layer rates by gradient
+    descent on a training set; this is a coordinate-wise, gradient-free counterpart. The last
+    block removes none, as the solver's. Returns (schedule, its loss, losses evaluated)."""
+    tr = TokenReduction(flops=budget, prefix=family_of(model).prefix)
+    depth, dim = len(model.blocks), tr.metric_dim(model)
+    full = tt_kernels.vit_flops(model, n0, [0] * depth)
+
+    def capped(r):  # what the default can remove of r
+        return [r for _, r in step_sizes(n0, r, tr.prefix)]
+
+    def fits(r):
+        return tt_kernels.vit_flops(model, n0, r, metric_dim=dim) <= budget * full
+
+    def move(r, more, fewer, step):
+        """r with `step` more removed at block `more` and the most fewer at `fewer` that fit."""
+        r, before = list(r), r[fewer]
+        r[more] += step
+        if capped(r) != r or not fits(r):
+            return None
+        while r[fewer] > 0 and fits(r[:fewer] + [r[fewer] - 1] + r[fewer + 1:]):
+            r[fewer] -= 1
+        return r if r[fewer] < before else None  # else the move only removes more
+
+    best = tr.resolve_schedule(model, n0)
+    best_loss, evaluated = loss(best), 1
+    for step in SEARCH_STEPS:
+        while True:
+            moves = [move(best, i, j, step) for i in range(depth - 1) for j in (i - 1, i + 1)
+                     if 0 <= j < depth - 1]
+            tried = {r: loss(list(r)) for r in {tuple(r) for r in moves if r not in (None, best)}}
+            evaluated += len(tried)
+            if not tried or min(tried.values()) >= best_loss:
+                break
+            best_loss, best = min((v, list(r)) for r, v in tried.items())
+    return best, best_loss, evaluated
+
+
 def kind_of(settings):
     """"ops" for settings that run on every model patch() takes, "ops, class token" for those that
     read the class token's attention (a model without a class token refuses them)."""
     return "ops, class token" if TokenReduction(**settings).needs_score() else "ops"
 
 
-def configurations(model, n0, budget):
-    """{name: (kind, settings for patch, construction or None)} at `budget`."""
+def configurations(model, n0, budget, tuning_loss):
+    """{name: (kind, settings for patch, construction or None)} at `budget`; the searched
+    schedule's settings are a function (the search runs only if that row does), which searches
+    for the least `tuning_loss(r)`."""
     out = {name: (kind_of(s), dict(s, flops=budget), None) for name, s in SETTINGS.items()}
     out.update({name: ("candidate", dict(flops=budget, targets="b"), build)
                 for name, build in candidates.CANDIDATES.items()})
     for slope in SLOPES:
         out[f"default, schedule slope {slope:+}"] = (
             "schedule", dict(r=shaped_schedule(model, n0, budget, slope)), None)
+    out[SEARCHED] = ("schedule", lambda: dict(r=searched_schedule(model, n0, budget,
+                                                                  tuning_loss)[0]), None)
     return out
 
 
@@ -142,15 +196,26 @@ def main():
         images = data.normalize(raw)
         splits[split] = dict(images=images, names=names, reference=measure(model, decoder, images),
                              draws=resamples([data.photo_of(n) for n in names]))
+    search_images = data.normalize(data.photo_batch(224, "tuning", SEARCH_VIEWS)[0])
+    search_reference = measure(model, decoder, search_images)
+
+    def tuning_loss(r):  # the search's: mean CLS-cosine loss on its tuning images
+        cls, grid = run_features(tt_kernels.patch(copy.deepcopy(model), r=r, record=True),
+                                 search_images, 34)
+        return (1 - agreement(dict(cls=cls, grid=grid), search_reference)["cls_cosine"]).mean() \
+            .item()
+
     full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
     rows, tuning_cls = [], {}  # tuning_cls[(name, budget)]: per-image CLS cosines, for choose()
     for budget in args.budgets:
-        configs = configurations(model, n0, budget)
+        configs = configurations(model, n0, budget, tuning_loss)
         per_image = {}
         for name, (kind, settings, build) in configs.items():
             if args.only and name not in args.only and name not in (TOME, INCUMBENT):
                 continue
             start = time.time()
+            if callable(settings):  # the searched schedule: searched now
+                settings = settings()
             patched = tt_kernels.patch(copy.deepcopy(model), record=True, **settings)
             if build is not None:
                 candidates.install(patched, build)

@@ -1,7 +1,8 @@
 """bench/sweep_fidelity.py and the many-to-many constructions it studies (bench/candidates.py):
 each candidate's T is a valid T in the package's format, the adapter runs the default exactly
-when the candidate builds the default's T, a shaped schedule meets its budget, and the rule that
-chooses the default keeps it unless the photos tell a challenger apart."""
+when the candidate builds the default's T, a shaped schedule meets its budget, the schedule
+search stays within it, and the rule that chooses the default keeps it unless the photos tell a
+challenger apart."""
 import copy
 import importlib.util
 import sys
@@ -103,6 +104,34 @@ def test_shaped_schedule_meets_the_budget_and_leans_as_asked(model_and_images, s
     assert tt_kernels.vit_flops(model, n0, schedule, metric_dim=dim) <= BUDGET * full
     # the least scale that fits: one more token in the first block exceeds the budget
     assert schedule[-1] == 0 and (schedule[0] > schedule[-2]) == (slope > 0)
+
+
+def test_searched_schedule_moves_removal_where_the_loss_asks_within_the_budget(
+        model_and_images):
+    """A loss that charges each token removed in block 0 (say, a fragile first block) leads the
+    search to remove fewer there and more elsewhere, within the budget; a loss the solver's
+    schedule already minimises leaves it as it is."""
+    model, _ = model_and_images
+    model = copy.deepcopy(model)
+    n0 = model.patch_embed.num_patches + 1
+    solved = tt_kernels.patch(copy.deepcopy(model), flops=BUDGET).token_reduction \
+        .resolve_schedule(model, n0)
+    full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
+    dim = model.blocks[0].attn.qkv.in_features
+    seen = []
+
+    def fragile_first(r):
+        seen.append(list(r))
+        return r[0] + 0.001 * sum(r)  # fewer at block 0, and no more removed than needed
+
+    found, loss, evaluated = sweep_fidelity.searched_schedule(model, n0, BUDGET, fragile_first)
+    assert evaluated == len(seen) and seen[0] == solved  # from the solver's schedule
+    assert found[0] < solved[0] and found[-1] == 0 and loss == fragile_first(found)
+    for r in seen:  # every schedule tried is within the budget, the similarity counted
+        assert tt_kernels.vit_flops(model, n0, r, metric_dim=dim) <= BUDGET * full
+    unchanged, _, _ = sweep_fidelity.searched_schedule(
+        model, n0, BUDGET, lambda r: float(r != solved))
+    assert unchanged == solved
 
 
 def _rows_and_losses(challenger_loss, images=40):
