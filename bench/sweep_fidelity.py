@@ -151,7 +151,7 @@ def configurations(model, n0, budget, tuning_loss):
     schedule's settings are a function (the search runs only if that row does), which searches
     for the least `tuning_loss(r)`."""
     out = {name: (kind_of(s), dict(s, flops=budget), None) for name, s in SETTINGS.items()}
-    out.update({name: ("candidate", dict(flops=budget, targets="b"), build)
+    out.update({name: ("candidate", dict(flops=budget), build)
                 for name, build in candidates.CANDIDATES.items()})
     for slope in SLOPES:
         out[f"default, schedule slope {slope:+}"] = (

@@ -34,8 +34,7 @@ def model_and_images():
 
 
 def _run(model, images, construction=None):
-    # targets="b": the candidates' base, the default they were measured against
-    patched = tt_kernels.patch(copy.deepcopy(model), flops=BUDGET, record=True, targets="b")
+    patched = tt_kernels.patch(copy.deepcopy(model), flops=BUDGET, record=True)
     if construction is not None:
         candidates.install(patched, construction)
     with torch.inference_mode():
@@ -45,7 +44,7 @@ def _run(model, images, construction=None):
 
 def test_the_default_s_t_through_the_adapter_is_the_default(model_and_images):
     """adaptive() never splits at a vanishing gap: then it builds the T of its base setting
-    (Ward's closest kept B token, weight 1), and the model's output is bit-equal to that
+    (Ward's closest kept token, weight 1), and the model's output is bit-equal to that
     setting's."""
     model, images = model_and_images
     want, want_steps = _run(model, images)
