@@ -57,8 +57,8 @@ from tt_kernels.machine import device_info, machine_info, slug, versions
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: batches, repeats, warm-up forwards (CUDA graphs record after 2)
-    # the CPU's turns vary by a few percent (the allocator's state, other tenants): 25 bring the
-    # median's spread below the 2% that tell the goals apart, in about a minute at batch 16
+    # the CPU's turns vary by a few percent (the allocator's state, other tenants): with 7 the
+    # ratios moved by 3-4% between runs on a 2-core Xeon; 25 take about a minute at batch 16
     "cpu": dict(batch="1,16", repeats=25, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, warmup=3),
 }
