@@ -1,13 +1,14 @@
 """Many-to-many constructions under study, in PyTorch, for bench/sweep_fidelity.py: each builds T in
 the package's format (dst, weight by input token, tt_kernels.reference.match) and runs inside a
-model patched with the default settings, in place of tt.transform's construction; T is applied by the same tt.apply, so only the
-construction differs. None has a kernel: one that wins on the tuning photos earns one.
+model patched with the default settings, in place of tt.transform's construction; T is applied by
+the same tt.apply, so only the construction differs. None has a kernel: one that wins on the tuning
+photos earns one.
 
-Every candidate removes the tokens that setting removes (the r A tokens with the best Ward
-affinity to a B token, on the queries of all heads), except `prune_then_merge`, which changes who
-leaves; they differ in where a removed token goes (kept tokens after the prefix, the default's
-targets="all") and with what weights. Their
-similarity is the default's (A x N rows), so their FLOPs are the default's at the same schedule.
+Every candidate removes the tokens the default removes (the r A tokens with the best Ward affinity
+to a B token, on the queries of all heads), except `prune_then_merge`, which changes who leaves;
+they differ in where a removed token goes (kept tokens after the prefix, the default's
+targets="all") and with what weights. Their similarity is the default's (A x N rows), so their
+FLOPs are the default's at the same schedule.
 """
 import torch
 
@@ -132,8 +133,7 @@ CANDIDATES = {
 
 def install(patched, construction):
     """Runs `construction(Step) -> (dst, weight)` in every reduction step of `patched` (a model
-    patched with the default settings), applied by the step's own tt.apply and
-    mode."""
+    patched with the default settings), applied by the step's own tt.apply and mode."""
     tr = patched.token_reduction
     start = tr.start
 

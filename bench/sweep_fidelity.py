@@ -197,13 +197,16 @@ def main():
         splits[split] = dict(images=images, names=names, reference=measure(model, decoder, images),
                              draws=resamples([data.photo_of(n) for n in names]))
     search_images = data.normalize(data.photo_batch(224, "tuning", SEARCH_VIEWS)[0])
-    search_reference = measure(model, decoder, search_images)
+
+    def search_features(m):  # what the search compares: no saliency
+        cls, grid = run_features(m, search_images, 34)
+        return dict(cls=cls, grid=grid)
+
+    search_reference = search_features(model)
 
     def tuning_loss(r):  # the search's: mean CLS-cosine loss on its tuning images
-        cls, grid = run_features(tt_kernels.patch(copy.deepcopy(model), r=r, record=True),
-                                 search_images, 34)
-        return (1 - agreement(dict(cls=cls, grid=grid), search_reference)["cls_cosine"]).mean() \
-            .item()
+        got = search_features(tt_kernels.patch(copy.deepcopy(model), r=r, record=True))
+        return (1 - agreement(got, search_reference)["cls_cosine"]).mean().item()
 
     full = tt_kernels.vit_flops(model, n0, [0] * len(model.blocks))
     rows, tuning_cls = [], {}  # tuning_cls[(name, budget)]: per-image CLS cosines, for choose()
@@ -251,8 +254,8 @@ def main():
 def choose(rows, tuning_cls, draws):
     """Among kind "ops" (run at every budget), the lowest tuning CLS-loss ratio to ToMe averaged
     over the budgets; it replaces the current default only if its paired interval of that
-    average as a ratio to the default's lies below 1. Returns {"best", "interval to default",
-    "default"}: the default chosen."""
+    average as a ratio to the default's lies below 1. Returns {"best", "loss_to_default" (that
+    average), "loss_to_default_interval", "default" (the default chosen)}."""
     budgets = sorted({r["budget"] for r in rows})
     ratios = {}
     for r in rows:
