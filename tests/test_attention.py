@@ -58,18 +58,23 @@ def test_column_and_mask_are_the_spec_to_rounding(dtype, N, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_size_bias_is_in_qs_dtype_and_aligned(dtype):
+def test_size_bias_is_in_qs_dtype_and_aligned_off_the_cpu(dtype):
     size = torch.randint(1, 6, (3, 13)).float()
     bias = attention.size_bias(size, dtype)
-    assert bias.dtype == dtype and bias.shape == (3, 1, 1, 13)
-    # a view of a buffer of 16 keys: every stride a multiple of 8, no [B, H, N, N] anywhere
-    assert bias.stride() == (16, 16, 16, 1) and bias.untyped_storage().nbytes() == 3 * 16 * \
-        bias.element_size()
+    assert bias.dtype == dtype and bias.shape == (3, 1, 1, 13)  # no [B, H, N, N] anywhere
     assert torch.equal(bias[:, 0, 0], size.log().to(dtype))  # rounded once, to q's dtype
+    assert bias.untyped_storage().nbytes() == 3 * 13 * bias.element_size()  # the CPU: no padding
+    # off the CPU (here the meta device, which has CUDA's layout and no values): a view of a
+    # buffer of 16 keys, every stride a multiple of 8
+    padded = attention.size_bias(size.to("meta"), dtype)
+    assert padded.dtype == dtype and padded.shape == (3, 1, 1, 13)
+    assert padded.stride() == (16, 16, 16, 1)
+    assert padded.untyped_storage().nbytes() == 3 * 16 * bias.element_size()
     q, k, v, _ = _qkv_size(3, 2, 13, 16, dtype)
-    # SDPA takes the strided view as it takes the same bias contiguous
-    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
-                       F.scaled_dot_product_attention(q, k, v, attn_mask=bias.contiguous()))
+    # SDPA takes a strided view of the bias as it takes the same bias contiguous
+    strided = torch.zeros(3, 1, 1, 16, dtype=dtype)[..., :13].copy_(bias)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=strided),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
     assert attention.size_bias(None, dtype) is None
 
 

@@ -7,8 +7,9 @@ every query, so it can enter SDPA in three exact forms (setting `attention` of t
 "mask"    an additive float attn_mask [B, 1, 1, N] (broadcast, never [B, H, N, N]) in q's dtype.
           On CUDA any float mask takes SDPA off the flash kernel (onto the memory-efficient or
           cuDNN kernel); a half q with an fp32 mask is misread by cuDNN (pytorch#191612), so the mask
-          always has q's dtype; it is a view of a buffer padded to a multiple of 8 keys, the
+          always has q's dtype; there it is a view of a buffer padded to a multiple of 8 keys, the
           alignment the memory-efficient kernel needs to read it in place instead of copying it.
+          The CPU's kernels read any layout: there the mask is one op on the sizes.
 "column"  the bias as one more head dimension, which keeps SDPA on flash: q gets a column of
           1/scale, k a column of log(s), v a zero column, then zeros up to a multiple of 8 (what
           flash needs), and SDPA gets the original scale, so scale q'.k' = scale q.k + log s. The
@@ -55,13 +56,16 @@ def _padded(n):
 
 
 def size_bias(size, dtype):
-    """size [B, N] -> the additive mask log(size) [B, 1, 1, N] in `dtype` (q's), a view of a
-    [B, 1, 1, N padded to 8] buffer whose strides are all multiples of 8; None without sizes."""
+    """size [B, N] -> the additive mask log(size) [B, 1, 1, N] in `dtype` (q's), rounded once;
+    off the CPU a view of a [B, 1, 1, N padded to 8] buffer whose strides are all multiples of 8.
+    None without sizes."""
     if size is None:
         return None
+    if size.device.type == "cpu":  # every op counts at batch 1: a block's step is ~1 ms
+        return size.log().to(dtype)[:, None, None, :]
     B, N = size.shape
     bias = torch.zeros(B, 1, 1, _padded(N), dtype=dtype, device=size.device)
-    bias[..., :N] = size.log()[:, None, None, :]  # one rounding, to q's dtype
+    bias[..., :N] = size.log()[:, None, None, :]
     return bias[..., :N]
 
 

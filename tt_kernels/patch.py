@@ -9,7 +9,7 @@ family says where its blocks, queries and keys are, and the step below is the sa
 
 Each block reduces its tokens after the attention residual and before the MLP. The metric is the
 block's attention queries or keys (all heads side by side), or its keys averaged over heads as
-ToMe does; the importance score (when the construction needs one) is the class token's attention.
+ToMe does (summed: the same cosines); the importance score (when the construction needs one) is the class token's attention.
 
 The default is the configuration that kept the most fidelity at equal FLOPs in
 bench/sweep_fidelity.py: Ward's merge cost on the full queries, each removed token merged whole
@@ -107,9 +107,14 @@ class TokenReduction:
         return heads * head_dim if full else head_dim
 
     def metric_of(self, queries, keys):
-        """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D]."""
+        """queries, keys [B, H, N, Dh] -> the similarity metric [B, N, D], None where the
+        construction compares no tokens (prune, evit)."""
+        if self.method in ("prune", "evit"):
+            return None
         if self.metric == "keys_mean" or self.method != "spread":
-            return keys.mean(1)
+            # the head sum has the mean's cosines; the mean of a strided view costs one op more
+            # (a third of the metric's time at batch 1 on the CPU)
+            return keys.sum(1)
         return (queries if self.metric == "queries" else keys).transpose(1, 2).flatten(2)
 
     def settings(self):

@@ -55,18 +55,15 @@ at::Tensor rows_of(const at::Tensor& metric, const Tokens& tokens) {
 }
 
 // What the cosines are made of: the dot products of the grid's rows with its columns [B, rows,
-// cols] and every token's inverse norm [B, N] (a zero vector's norm clamped to NORM_EPS: its
-// cosines are 0), fp32. Only the channels must be contiguous, for the norms to round as on a
-// contiguous tensor.
+// cols] and every token's norm [B, N], fp32. Only the channels must be contiguous, for the norms
+// to round as on a contiguous tensor.
 std::tuple<at::Tensor, at::Tensor> dot_products(const at::Tensor& metric_in, const Grid& grid) {
   auto metric = metric_in.to(at::kFloat);
   if (metric.stride(2) != 1) metric = metric.contiguous();
-  const at::Tensor inv_norm = at::linalg_vector_norm(metric, 2, {-1}).clamp_min(NORM_EPS)
-                                  .reciprocal();
   const at::Tensor rows = rows_of(metric, grid.rows);
   const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
   return {at::bmm(rows, (same ? rows : rows_of(metric, grid.cols)).transpose(1, 2)),
-          inv_norm.contiguous()};
+          at::linalg_vector_norm(metric, 2, {-1}).contiguous()};
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -75,10 +72,14 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
                    [&](int64_t a, int64_t b) { return key[a] > key[b]; });
 }
 
-// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j, and for
-// Ward's cost -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference.
-void affinities(float* sim, const float* inv_norm, const float* size, bool ward,
-                const Grid& grid) {
+// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j (a zero
+// vector's norm clamped to NORM_EPS: its cosines are 0), and for Ward's cost -(size_i size_j /
+// (size_i + size_j)) (1 - cosine), as the reference. The clamp and the reciprocal are this loop's,
+// not two more ATen ops: at batch 1 a step is tens of microseconds, and each op adds several.
+void affinities(float* sim, const float* norm, const float* size, bool ward, const Grid& grid,
+                int64_t N) {
+  std::vector<float> inv_norm(N);
+  for (int64_t t = 0; t < N; ++t) inv_norm[t] = 1.f / std::max(norm[t], NORM_EPS);
   const int64_t n_cols = grid.cols.count;
   for (int64_t i = 0; i < grid.rows.count; ++i) {
     const float inv_i = inv_norm[grid.rows.token(i)], s_i = size[grid.rows.token(i)];
@@ -174,12 +175,12 @@ void spread(const Construction& c, const Affinities& sim, int64_t j,
   }
 }
 
-// One image: fills dst/weight [N, K] from its dot products and inverse norms (sim.data and
-// inv_norm null when the construction reads none), `score` [N] and `size` [N].
-void match_image(const Construction& c, const Affinities& sim, const float* inv_norm,
+// One image: fills dst/weight [N, K] from its dot products and norms (sim.data and norm null
+// when the construction reads none), `score` [N] and `size` [N].
+void match_image(const Construction& c, const Affinities& sim, const float* norm,
                  const float* score, const float* size, int64_t* dst, float* weight) {
   const int64_t N = c.tokens, K = c.slots();
-  if (sim.data) affinities(sim.data, inv_norm, size, c.ward, sim.grid);
+  if (sim.data) affinities(sim.data, norm, size, c.ward, sim.grid, N);
 
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
@@ -254,15 +255,15 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   auto weight = at::empty({B, N, K}, opts);
   const bool needs_sim = !c.by_importance() || c.method == Method::Spread;
   const Grid grid(c);
-  at::Tensor sim, inv_norm;
-  if (needs_sim) std::tie(sim, inv_norm) = dot_products(*metric, grid);
+  at::Tensor sim, norm;
+  if (needs_sim) std::tie(sim, norm) = dot_products(*metric, grid);
   const int64_t per_image = grid.rows.count * grid.cols.count;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
-                  needs_sim ? inv_norm.data_ptr<float>() + b * N : nullptr,
+                  needs_sim ? norm.data_ptr<float>() + b * N : nullptr,
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);
