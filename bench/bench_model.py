@@ -29,13 +29,13 @@ checked against the patched model's own token_reduction.schedule and schedule_fl
     python bench/bench_model.py --device cuda --dtype bf16 --batch 1,64,256 --compile \\
         --models deit_small_patch16_224,deit_base_patch16_224,vit_small_patch14_dinov2
 
-Timing: tt_kernels.measure.time_forwards, the rows in turns: on the CPU one forward a turn
-(torch.utils.benchmark's Timer, after the two forwards it discards); on CUDA, CUDA events around a
-few forwards per turn (enough for ~10 ms), synchronised, L2 not flushed (a served model's weights
-stay warm too). Inputs are random normal images. Writes one JSON per model
-to each --out-dir (default bench/results/): model-<card>-<model>-<dtype>[-amp][-compile].json on
-a GPU (card from torch.cuda.get_device_name, slugged), model-<model>-<cpu>-<cores>c.json on the
-CPU.
+Timing: tt_kernels.measure.time_forwards, the rows in turns (--repeats of them, more where those
+would take under --seconds): on the CPU one forward a turn (torch.utils.benchmark's Timer, after
+the two forwards it discards); on CUDA, CUDA events around a few forwards per turn (enough for
+~10 ms), synchronised, L2 not flushed (a served model's weights stay warm too). Inputs are random
+normal images. Writes one JSON per model to each --out-dir (default bench/results/):
+model-<card>-<model>-<dtype>[-amp][-compile].json on a GPU (card from torch.cuda.get_device_name,
+slugged), model-<model>-<cpu>-<cores>c.json on the CPU.
 """
 import argparse
 import copy
@@ -56,11 +56,13 @@ from tt_kernels.machine import device_info, machine_info, slug, versions
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULTS = {  # per device: batches, repeats, warm-up forwards (CUDA graphs record after 2)
-    # the CPU's turns vary by a few percent (the allocator's state, other tenants): with 7 the
-    # ratios moved by 3-4% between runs on a 2-core Xeon; 25 take about a minute at batch 16
-    "cpu": dict(batch="1,16", repeats=25, warmup=2),
-    "cuda": dict(batch="1,64,256", repeats=5, warmup=3),
+DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA graphs record
+    # after 2). The CPU's turns vary by a few percent (the allocator's state, other tenants): with
+    # 7 the ratios moved by 3-4% between runs on a 2-core Xeon; 25 take about a minute at batch
+    # 16. At batch 1 a turn is short and 25 of them still moved the ratios by 3%: there the turns
+    # fill 30 s (about 100).
+    "cpu": dict(batch="1,16", repeats=25, seconds=30.0, warmup=2),
+    "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
 BASELINE = "timm eager"
 
@@ -303,10 +305,10 @@ def run_case(eager, base, n0, args, batch, log, deadline):
         if "schedule" in row and bound_schedule not in (None, row["schedule"]):
             raise RuntimeError(f"{_bound_of(name)} ran {bound_schedule}, {name} "
                                f"{row['schedule']}")
-    times = measure.time_forwards(fns, x, args.repeats, args.warmup)
+    times = measure.time_forwards(fns, x, turns(fns, x, args), args.warmup)
     seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
-        results[name].update(ms=s * 1e3, images_per_s=batch / s)
+        results[name].update(ms=s * 1e3, images_per_s=batch / s, turns=times[name]["samples"])
         if device.type == "cuda":
             results[name]["forwards_per_turn"] = times[name]["calls_per_turn"]
     for name, row in results.items():
@@ -319,6 +321,22 @@ def run_case(eager, base, n0, args, batch, log, deadline):
             row["bound_row"] = reference
             row["of_bound"] = seconds[reference] / seconds[name]
     return results
+
+
+def turns(fns, x, args):
+    """Timed turns: --repeats, or more where that many would take less than --seconds (a turn
+    timed once here, after a forward of each row to warm it)."""
+    if not args.seconds:
+        return args.repeats
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x)
+        started = time.perf_counter()
+        for fn in fns.values():
+            fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return max(args.repeats, math.ceil(args.seconds / (time.perf_counter() - started)))
 
 
 def _bound_of(name):
@@ -425,6 +443,9 @@ def parse_args(argv):
                    help="tt_kernels backend of the patched rows (default: the package's default "
                         "on the device; on CUDA the reference until the kernels are verified)")
     p.add_argument("--repeats", type=int, default=None, help="timed turns (cpu 25, cuda 5)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="more turns than --repeats where those take less than this (cpu 30, "
+                        "cuda 0)")
     p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows and cases left when it is spent are recorded as skipped")
@@ -434,14 +455,15 @@ def parse_args(argv):
     defaults = DEFAULTS[args.device]
     args.batches = [int(b) for b in (args.batch or defaults["batch"]).split(",")]
     args.repeats = defaults["repeats"] if args.repeats is None else args.repeats
+    args.seconds = defaults["seconds"] if args.seconds is None else args.seconds
     args.warmup = defaults["warmup"] if args.warmup is None else args.warmup
     args.models = args.models.split(",")
     if args.amp and args.dtype == "fp32":
         p.error("--amp autocasts to a lower precision: give --dtype bf16 or fp16")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    if min(args.batches) < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--batch and --repeats must be >= 1, --warmup >= 0")
+    if min(args.batches) < 1 or args.repeats < 1 or args.warmup < 0 or args.seconds < 0:
+        p.error("--batch and --repeats must be >= 1, --warmup and --seconds >= 0")
     args.device = torch.device(args.device)
     args.amp_dtype = DTYPES[args.dtype] if args.amp else None
     args.weight_dtype = torch.float32 if args.amp else DTYPES[args.dtype]
@@ -477,6 +499,7 @@ def main(argv=None):
                   "depth": len(base.blocks), "device": device_info(args.device),
                   "versions": versions(), "dtype": args.dtype, "amp": args.amp,
                   "compile": args.compile, "budget": args.budget, "repeats": args.repeats,
+                  "seconds": args.seconds,
                   "tt_kernels_backend": tt_backends(args.backend, args.device),
                   "warmup": args.warmup,
                   "timing": "CUDA events, median of interleaved turns" if

@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=96, depth=4)  # 37 tokens: the default and tome solve different schedules
 BUDGET = 0.6
 ARGV = ["--device", "cpu", "--models", NAME, "--model-kwargs", json.dumps(TINY),
-        "--budget", str(BUDGET), "--repeats", "1", "--warmup", "0"]
+        "--budget", str(BUDGET), "--repeats", "1", "--seconds", "0", "--warmup", "0"]
 
 
 def _tiny():
@@ -75,7 +76,7 @@ def test_every_row_at_every_batch(tmp_path):
             assert row["status"] == "ok", (name, row)
             assert row["ms"] > 0 and math.isclose(row["images_per_s"],
                                                   case["batch"] / row["ms"] * 1e3)
-            assert row["output_shape"] == [case["batch"], 1000]
+            assert row["output_shape"] == [case["batch"], 1000] and row["turns"] == 1
         assert rows["timm eager"]["speedup"] == 1.0
         for name in unreduced:
             assert rows[name]["flops_fraction"] == 1.0 and sum(rows[name]["schedule"]) == 0
@@ -118,6 +119,18 @@ def test_a_failing_row_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
     assert len(failed) == 1 and failed[0].startswith("ToMe published patch")
     assert rows[failed[0]] == dict(status="error", error="RuntimeError: this row cannot run")
     assert all("ms" in row for name, row in rows.items() if name not in failed)
+
+
+def test_turns_fill_the_seconds_asked():
+    """--seconds adds turns where --repeats would end sooner; 0 keeps --repeats."""
+    def sleeper(x):
+        time.sleep(0.01)
+
+    args = bench_model.parse_args(["--repeats", "2", "--seconds", "0.2"])
+    got = bench_model.turns({"a": sleeper, "b": sleeper}, torch.zeros(1), args)
+    assert 2 < got <= 10  # a turn (two rows) sleeps at least 20 ms
+    args = bench_model.parse_args(["--repeats", "2", "--seconds", "0"])
+    assert bench_model.turns({"a": sleeper}, torch.zeros(1), args) == 2
 
 
 def test_the_bound_needs_one_r_per_block():
