@@ -61,11 +61,11 @@ def size_bias(size, dtype):
     None without sizes."""
     if size is None:
         return None
-    if size.device.type == "cpu":  # every op counts at batch 1: a block's step is ~1 ms
+    if size.device.type == "cpu":  # one op: at batch 1 each op between two GEMMs runs cold
         return size.log().to(dtype)[:, None, None, :]
     B, N = size.shape
     bias = torch.zeros(B, 1, 1, _padded(N), dtype=dtype, device=size.device)
-    bias[..., :N] = size.log()[:, None, None, :]
+    bias[..., :N] = size.log()[:, None, None, :]  # one rounding, to q's dtype
     return bias[..., :N]
 
 

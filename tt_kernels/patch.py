@@ -9,7 +9,8 @@ family says where its blocks, queries and keys are, and the step below is the sa
 
 Each block reduces its tokens after the attention residual and before the MLP. The metric is the
 block's attention queries or keys (all heads side by side), or its keys averaged over heads as
-ToMe does (summed: the same cosines); the importance score (when the construction needs one) is the class token's attention.
+ToMe does (summed: the same cosines); the importance score (when the construction needs one) is
+the class token's attention.
 
 The default is the configuration that kept the most fidelity at equal FLOPs in
 bench/sweep_fidelity.py: Ward's merge cost on the full queries, each removed token merged whole
