@@ -79,10 +79,22 @@ def test_every_candidate_builds_a_valid_t(model_and_images, name):
             assert (ones | (total == 0)).all()
             continue
         assert ones.all()
-        keep = step.default_keep()
+        keep = candidates.greedy_keep(step)[0] if "greedy" in name else step.default_keep()
+        assert (~keep).sum(1).eq(step.r).all() and keep[:, :step.prefix].all()
         own = keep.long().cumsum(1) - 1
         assert torch.equal(t.dst[..., 0][keep], own[keep])
         assert (t.weight[..., 0][keep] == 1).all() and (t.weight[..., 1:][keep] == 0).all()
+
+
+def test_greedy_pairs_leave_across_the_bipartite_split():
+    """Tokens 1-2 and 3-4 are the closest pairs, 5-6 a less close one: with r = 2 the first of
+    each of the two closest leaves (1 and 3, B tokens in ToMe's split, which never leave there)
+    and its partner, having received, stays."""
+    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0.01, 1, 0],
+                            [1, 0.2, 0.1], [1, 0.25, 0.1]]]).double()
+    step = candidates.Step(metric, None, None, torch.ones(1, 7), 2, 1)
+    keep, _ = candidates.greedy_keep(step)
+    assert keep.tolist() == [[True, False, True, False, True, True, True]]
 
 
 def test_output_centric_spreads_where_targets_gather(model_and_images):
