@@ -62,7 +62,7 @@ def size_bias(size, dtype):
     if size is None:
         return None
     if size.device.type == "cpu":  # one op: at batch 1 each op between two GEMMs runs cold
-        return size.log().to(dtype)[:, None, None, :]
+        return size.log().to(dtype).view(size.shape[0], 1, 1, -1)
     B, N = size.shape
     bias = torch.zeros(B, 1, 1, _padded(N), dtype=dtype, device=size.device)
     bias[..., :N] = size.log()[:, None, None, :]  # one rounding, to q's dtype

@@ -58,7 +58,7 @@ at::Tensor rows_of(const at::Tensor& metric, const Tokens& tokens) {
 // cols] and every token's norm [B, N], fp32. Only the channels must be contiguous, for the norms
 // to round as on a contiguous tensor.
 std::tuple<at::Tensor, at::Tensor> dot_products(const at::Tensor& metric_in, const Grid& grid) {
-  auto metric = metric_in.to(at::kFloat);
+  auto metric = metric_in.scalar_type() == at::kFloat ? metric_in : metric_in.to(at::kFloat);
   if (metric.stride(2) != 1) metric = metric.contiguous();
   const at::Tensor rows = rows_of(metric, grid.rows);
   const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
