@@ -69,13 +69,14 @@ def test_size_bias_is_in_qs_dtype_and_aligned_off_the_cpu(dtype):
     padded = attention.size_bias(size.to("meta"), dtype)
     assert padded.dtype == dtype and padded.shape == (3, 1, 1, 13)
     assert padded.stride() == (16, 16, 16, 1)
-    assert padded.untyped_storage().nbytes() == 3 * 16 * bias.element_size()
+    assert padded.untyped_storage().nbytes() == 3 * 16 * padded.element_size()
     q, k, v, _ = _qkv_size(3, 2, 13, 16, dtype)
     # SDPA takes a strided view of the bias as it takes the same bias contiguous
     strided = torch.zeros(3, 1, 1, 16, dtype=dtype)[..., :13].copy_(bias)
     assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=strided),
                        F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
     assert attention.size_bias(None, dtype) is None
+    assert attention.size_bias(size[:0], dtype).shape == (0, 1, 1, 13)  # no images: no error
 
 
 def test_size_columns_layout():

@@ -61,9 +61,9 @@ def size_bias(size, dtype):
     None without sizes."""
     if size is None:
         return None
-    if size.device.type == "cpu":  # one op: at batch 1 each op between two GEMMs runs cold
-        return size.log().to(dtype).view(size.shape[0], 1, 1, -1)
     B, N = size.shape
+    if size.device.type == "cpu":  # one op: at batch 1 each op between two GEMMs runs cold
+        return size.log().to(dtype).view(B, 1, 1, N)
     bias = torch.zeros(B, 1, 1, _padded(N), dtype=dtype, device=size.device)
     bias[..., :N] = size.log()[:, None, None, :]  # one rounding, to q's dtype
     return bias[..., :N]
