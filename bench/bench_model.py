@@ -324,13 +324,13 @@ def run_case(eager, base, n0, args, batch, log, deadline):
 
 
 def turns(fns, x, args):
-    """Timed turns: --repeats, or more where that many would take less than --seconds (a turn
-    timed once here, after a forward of each row to warm it)."""
+    """Timed turns: --repeats, or more where that many would take less than --seconds (one turn
+    timed here; every row has already run once, for its token counts or its compilation)."""
     if not args.seconds:
         return args.repeats
     with torch.inference_mode():
-        for fn in fns.values():
-            fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         for fn in fns.values():
             fn(x)
