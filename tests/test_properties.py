@@ -186,3 +186,29 @@ def test_ties_go_to_the_lower_index(step, method, construction):
         assert weight[b, :, 0].tolist() == w0.tolist()
         if slot1 is not None:
             assert dst[b, :, 1].tolist() == slot1.tolist()
+
+
+# B tokens (index i: token 1 + 2 i) sharing the A tokens' direction, per image, placed so that the
+# first of them lies in every kind of place the CPU's argmax (8 interleaved lanes, then a tail)
+# can hold it: the tail only; lane 7 of two blocks; a lower lane before a higher one; a higher
+# lane before a lower one.
+TIED_B = [(26, 29), (7, 15, 27), (21, 10), (13, 19)]
+
+
+def test_the_first_of_tied_best_b_tokens_wins_wherever_it_lies(step):
+    """ToMe, N = 61: 30 B tokens, three blocks of lanes and a tail of six; every A token's best B
+    tokens (cosine exactly 1, the rest 0) are TIED_B, and each removed one goes to the first."""
+    N, r = 61, 4
+    t = make_tokens(len(TIED_B), N, seed=5, unit_size=True)
+    t["metric"] = torch.zeros_like(t["metric"])
+    t["metric"][:, 0::2, 3] = 1  # the class token and the A tokens
+    t["metric"][:, 1::2, 5] = 1  # the B tokens, but for the tied ones:
+    for image, tied in enumerate(TIED_B):
+        t["metric"][image, [1 + 2 * i for i in tied], 3] = 1
+        t["metric"][image, [1 + 2 * i for i in tied], 5] = 0
+    _, _, dst, _ = step(t, r, "tome")
+    removed = [2, 4, 6, 8]  # all A tokens tie at 1: the lowest leave
+    for image, tied in enumerate(TIED_B):
+        first = 1 + 2 * min(tied)
+        row = first - sum(j < first for j in removed)
+        assert dst[image, removed, 0].tolist() == [row] * r

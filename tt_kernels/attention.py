@@ -62,8 +62,9 @@ def size_bias(size, dtype):
     if size is None:
         return None
     B, N = size.shape
-    if size.device.type == "cpu":  # one op: at batch 1 each op between two GEMMs runs cold
-        return size.log().to(dtype).view(B, 1, 1, N)
+    if size.is_cpu:  # one op: at batch 1 each op between two GEMMs runs cold
+        log = size.log()
+        return (log if log.dtype == dtype else log.to(dtype)).view(B, 1, 1, N)
     bias = torch.zeros(B, 1, 1, _padded(N), dtype=dtype, device=size.device)
     bias[..., :N] = size.log()[:, None, None, :]  # one rounding, to q's dtype
     return bias[..., :N]
@@ -150,13 +151,11 @@ def q_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def resolve(form, x, column=True):
-    """The form `attention=form` runs on input x, for a module that can take the column form
-    (`column`) or not (it gets the mask instead)."""
+def resolve(form, x):
+    """The form `attention=form` runs on input x: "auto" made concrete (a module that cannot take
+    the column gets the mask instead, column_supported)."""
     if form == "auto":
-        form = CUDA_AUTO.get(q_dtype(x), "mask") if x.is_cuda else "mask"
-    if form == "column" and not column:
-        return "mask"
+        return CUDA_AUTO.get(q_dtype(x), "mask") if x.is_cuda else "mask"
     return form
 
 
@@ -175,11 +174,11 @@ def attend(attn, x, size, form="auto"):
     check_form(form)
     if size is None:
         return attn(x)
-    form = resolve(form, x, column_supported(attn))
-    if form == "column":
+    form = resolve(form, x)
+    if form == "column" and column_supported(attn):
         return column_attention(attn, x, size)
     bias = size_bias(size, q_dtype(x))
-    if form == "mask":
+    if form != "cudnn":  # the mask, also where the module cannot take the column
         return attn(x, attn_mask=bias)
     with cudnn_kernel(x):
         return attn(x, attn_mask=bias)

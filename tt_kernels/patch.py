@@ -265,17 +265,23 @@ def _check_form(form, family):
                          f"{form!r}")
 
 
-def _block_forward(self, x, *args, **kwargs):
-    """Any family's block: attention, the reduction step, MLP (families/family.py)."""
+def _unmasked(args, kwargs):
+    """The keyword arguments a block passes on to its attention: all but its masks, which must
+    be None or False."""
     masks = [a for a in args if a is not None and a is not False] + [
         v for name, v in kwargs.items()
         if ("mask" in name or name == "is_causal") and v is not None and v is not False]
     if masks:
         raise NotImplementedError("a patched block takes no attention mask and no is_causal")
+    return {name: v for name, v in kwargs.items() if "mask" not in name and name != "is_causal"}
+
+
+def _block_forward(self, x, *args, **kwargs):
+    """Any family's block: attention, the reduction step, MLP (families/family.py)."""
+    call = _unmasked(args, kwargs) if args or kwargs else kwargs  # timm calls block(x)
     tr, parts = self.token_reduction, self.token_reduction_parts
     if self.token_reduction_index == 0:  # a new forward: its own schedule for its token count
         tr.start(x.shape[1], x.device)
-    call = {name: v for name, v in kwargs.items() if "mask" not in name and name != "is_causal"}
     # each branch's output is a temporary, freed as soon as it is added (as in the unpatched
     # block): a name holding it would keep one more [B, N, D] alive through the MLP
     x = tr.reduce(self.token_reduction_index, x + _after(
