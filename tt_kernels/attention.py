@@ -98,7 +98,7 @@ def column_supported(attn):
 
 def column_attention(attn, x, size):
     """timm's Attention.forward(x) with the size bias in the column form (attn must be
-    column_supported). Its q_norm / k_norm modules are called, so their hooks see q and k."""
+    column_supported). Its q_norm / k_norm modules are called, so the family captures q and k."""
     B, N, _ = x.shape
     gate = getattr(attn, "gate", None)  # older timm has no gate, norm or attn_dim
     gate = gate(x).sigmoid() if gate is not None else None

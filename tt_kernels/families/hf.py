@@ -17,7 +17,7 @@ import dataclasses
 import torch.nn.functional as F
 
 from .. import attention
-from .family import (Family, Parts, Undo, attention_pool_macs, capture_heads, conv_macs,
+from .family import (Family, Parts, Undo, attention_pool_macs, capture_output, conv_macs,
                      linear_macs, replace_method)
 
 _VIT = Parts("layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp", ("dropout",))
@@ -193,10 +193,8 @@ class HFVision(Family):
         heads = self.heads[0]
         for block in self.blocks:
             attn = getattr(block, self.parts_of(block).attention)
-            for proj, name in zip(_query_key(attn), ("_q", "_k")):
-                proj.token_reduction = tr
-                handles += [proj.register_forward_hook(capture_heads(name, heads)),
-                            Undo(lambda proj=proj: delattr(proj, "token_reduction"))]
+            handles += [capture_output(proj, tr, name, heads)
+                        for proj, name in zip(_query_key(attn), ("_q", "_k"))]
         if self.map_head is not None:
             self.map_head.token_reduction = tr
             handles += [replace_method(self.map_head, "forward", _map_head_forward),

@@ -6,14 +6,8 @@ any form of tt_kernels.attention; average pooling is size-weighted, and the atte
 (global_pool="map", SigLIP) attends over the merged tokens with the same bias as the blocks.
 """
 from .. import attention
-from .family import (Family, Parts, Undo, attention_pool_macs, conv_macs, linear_macs,
+from .family import (Family, Parts, attention_pool_macs, capture_output, conv_macs, linear_macs,
                      replace_method, size_weighted_mean)
-
-
-def _capture(name):
-    def hook(module, inputs, output):
-        setattr(module.token_reduction, name, output)
-    return hook
 
 
 # Models of timm that are not its VisionTransformer with pre-norm Blocks, and why.
@@ -96,13 +90,9 @@ class TimmViT(Family):
         return tokens, self.model.forward_head(tokens, pre_logits=True)
 
     def install(self, tr):
-        handles = []
-        for block in self.blocks:
-            for norm, name in ((block.attn.q_norm, "_q"), (block.attn.k_norm, "_k")):
-                norm.token_reduction = tr
-                handles += [norm.register_forward_hook(_capture(name)),
-                            Undo(lambda norm=norm: delattr(norm, "token_reduction"))]
-        return handles + [replace_method(self.model, "pool", _pool)]
+        return [capture_output(norm, tr, name) for block in self.blocks
+                for norm, name in ((block.attn.q_norm, "_q"), (block.attn.k_norm, "_k"))] + [
+            replace_method(self.model, "pool", _pool)]
 
     def embed_macs(self, patches):
         return conv_macs(self.model.patch_embed.proj, patches)
