@@ -191,7 +191,8 @@ def eager_models(base, budget, backend=None):
     default on the device)."""
     n0 = base.patch_embed.num_patches + base.num_prefix_tokens
     default = tt_kernels.patch(measure.same_weights(base), flops=budget, backend=backend)
-    tome = tt_kernels.patch(measure.same_weights(base), flops=budget, method="tome", backend=backend)
+    tome = tt_kernels.patch(measure.same_weights(base), flops=budget, method="tome",
+                            backend=backend)
     r_tome = constant_r(base, n0, budget)
 
     def counted(m):

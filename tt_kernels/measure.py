@@ -94,8 +94,9 @@ class CpuClock:
 def same_weights(model):
     """A copy of `model` with modules of its own (to patch) and `model`'s parameters and buffers,
     for rows timed against each other: they then read the same weight memory. Deep copies do not,
-    and where their weights lie moves their speed: at batch 1 on a 2-core Xeon, three deep copies of
-    DeiT-S ran 0 to 7% slower than the original in one process, copies sharing its weights 0 to 1%."""
+    and where their weights lie moves their speed: at batch 1 on a 2-core Xeon, three deep copies
+    of DeiT-S ran 0 to 7% slower than the original in one process, copies sharing its weights 0 to
+    1%."""
     return copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
 
 
