@@ -306,7 +306,7 @@ def run_case(eager, base, n0, args, batch, log, deadline):
         if "schedule" in row and bound_schedule not in (None, row["schedule"]):
             raise RuntimeError(f"{_bound_of(name)} ran {bound_schedule}, {name} "
                                f"{row['schedule']}")
-    times = measure.time_forwards(fns, x, turns(fns, x, args), args.warmup)
+    times = measure.time_forwards(fns, x, args.repeats, args.warmup, args.seconds)
     seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
         results[name].update(ms=s * 1e3, images_per_s=batch / s, turns=times[name]["samples"])
@@ -322,22 +322,6 @@ def run_case(eager, base, n0, args, batch, log, deadline):
             row["bound_row"] = reference
             row["of_bound"] = seconds[reference] / seconds[name]
     return results
-
-
-def turns(fns, x, args):
-    """Timed turns: --repeats, or more where that many would take less than --seconds (one turn
-    timed here; every row has already run once, for its token counts or its compilation)."""
-    if not args.seconds:
-        return args.repeats
-    with torch.inference_mode():
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for fn in fns.values():
-            fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-    return max(args.repeats, math.ceil(args.seconds / (time.perf_counter() - started)))
 
 
 def _bound_of(name):

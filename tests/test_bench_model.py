@@ -5,7 +5,6 @@ import copy
 import importlib.util
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -119,18 +118,6 @@ def test_a_failing_row_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
     assert len(failed) == 1 and failed[0].startswith("ToMe published patch")
     assert rows[failed[0]] == dict(status="error", error="RuntimeError: this row cannot run")
     assert all("ms" in row for name, row in rows.items() if name not in failed)
-
-
-def test_turns_fill_the_seconds_asked():
-    """--seconds adds turns where --repeats would end sooner; 0 keeps --repeats."""
-    def sleeper(x):
-        time.sleep(0.01)
-
-    args = bench_model.parse_args(["--repeats", "2", "--seconds", "1"])
-    got = bench_model.turns({"a": sleeper, "b": sleeper}, torch.zeros(1), args)
-    assert 2 < got <= 50  # a turn (two rows) sleeps at least 20 ms, far less than 0.5 s
-    args = bench_model.parse_args(["--repeats", "2", "--seconds", "0"])
-    assert bench_model.turns({"a": sleeper}, torch.zeros(1), args) == 2
 
 
 def test_the_bound_needs_one_r_per_block():

@@ -1,4 +1,6 @@
 """tt_kernels.measure: the turns' order and statistics, and the CPU clock's calls."""
+import time
+
 import pytest
 import torch
 
@@ -94,3 +96,14 @@ def test_same_weights_shares_the_weights_not_the_modules():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(tt_kernels.patch(measure.same_weights(base), r=0)(x), base(x))
+
+
+def test_seconds_add_turns_where_the_turns_asked_end_sooner():
+    """time_forwards with `seconds` adds turns where `turns` would time less; 0 keeps `turns`."""
+    def sleeper(x):
+        time.sleep(0.01)
+
+    models, x = {"a": sleeper, "b": sleeper}, torch.zeros(1)
+    got = measure.time_forwards(models, x, 2, warmup=0, seconds=0.2)["a"]["samples"]
+    assert 2 < got <= 10  # one of each sleeps at least 20 ms: at most 0.2 / 0.02 turns
+    assert measure.time_forwards(models, x, 2, warmup=0)["a"]["samples"] == 2

@@ -25,6 +25,7 @@ import copy
 import functools
 import math
 import statistics
+import time
 
 import torch
 from torch.utils import benchmark
@@ -93,10 +94,10 @@ class CpuClock:
 
 def same_weights(model):
     """A copy of `model` with modules of its own (to patch) and `model`'s parameters and buffers,
-    for rows timed against each other: they then read the same weight memory. Deep copies do not,
-    and where their weights lie moves their speed: at batch 1 on a 2-core Xeon, three deep copies
-    of DeiT-S ran 0 to 7% slower than the original in one process, copies sharing its weights 0 to
-    1%."""
+    for rows timed against each other: one set of weights in memory, the same for every row (the
+    bound is the same model by construction). What a copy itself moves a row's speed by:
+    bench/bench_weight_copies.py (DeiT-S at batch 1 on a 2-core Xeon: deep copies and these alike
+    within 1.5% of the model)."""
     return copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
 
 
@@ -186,13 +187,29 @@ def time_in_turns(calls, turns, clock, warmup=0):
 
 
 @torch.inference_mode()
-def time_forwards(models, x, turns, warmup=2, fill_ms=10.0, max_number=50):
+def time_forwards(models, x, turns, warmup=2, seconds=0.0, fill_ms=10.0, max_number=50):
     """{name: summary(...) and "calls_per_turn"} of each model(x) ({name: model}), timed in turns:
     on CUDA an EventClock with as many forwards a turn as fill `fill_ms` (launch jitter small beside
-    them), on the CPU one forward a turn (CpuClock)."""
+    them), on the CPU one forward a turn (CpuClock). With `seconds`, more turns than `turns` where
+    those would time less than that many seconds of forwards (one forward of each model, timed
+    first, sets the count)."""
     calls = {name: functools.partial(model, x) for name, model in models.items()}
+    if seconds:
+        turns = max(turns, math.ceil(seconds / _one_of_each(calls.values(), x.is_cuda)))
     clock = EventClock(fill_ms=fill_ms, max_number=max_number) if x.is_cuda else CpuClock()
     times = time_in_turns(calls, turns, clock, warmup)
     for name, fn in calls.items():
         times[name]["calls_per_turn"] = clock.calls[fn] if x.is_cuda else clock.number
     return times
+
+
+def _one_of_each(calls, cuda):
+    """Seconds one call of each takes, in all."""
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for fn in calls:
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
