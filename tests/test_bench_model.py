@@ -123,3 +123,14 @@ def test_a_failing_row_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
 def test_the_bound_needs_one_r_per_block():
     with pytest.raises(ValueError, match="one r per block"):
         bench_model.zero_overhead_bound(_tiny(), [1, 2])
+
+
+def test_weight_copies_times_the_model_and_every_copy():
+    spec = importlib.util.spec_from_file_location(
+        "bench_weight_copies", Path(__file__).resolve().parent.parent / "bench" /
+        "bench_weight_copies.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ms = script.main(["--model", NAME, "--copies", "2", "--turns", "1", "--seconds", "0"])
+    assert list(ms) == ["model", "deep copy 1", "deep copy 2", "same weights 1", "same weights 2"]
+    assert all(t > 0 for t in ms.values())
