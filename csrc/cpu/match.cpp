@@ -54,16 +54,34 @@ at::Tensor rows_of(const at::Tensor& metric, const Tokens& tokens) {
   return metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count, tokens.step);
 }
 
-// What the cosines are made of: the dot products of the grid's rows with its columns [B, rows,
-// cols] and every token's norm [B, N], fp32. Only the channels must be contiguous, for the norms
-// to round as on a contiguous tensor.
-std::tuple<at::Tensor, at::Tensor> dot_products(const at::Tensor& metric_in, const Grid& grid) {
-  auto metric = metric_in.scalar_type() == at::kFloat ? metric_in : metric_in.to(at::kFloat);
-  if (metric.stride(2) != 1) metric = metric.contiguous();
+// The dot products of the grid's rows with its columns [B, rows, cols], fp32, from the metric
+// in fp32 with contiguous channels (`fp32_rows`).
+at::Tensor dot_products(const at::Tensor& metric, const Grid& grid) {
   const at::Tensor rows = rows_of(metric, grid.rows);
   const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
-  return {at::bmm(rows, (same ? rows : rows_of(metric, grid.cols)).transpose(1, 2)),
-          at::linalg_vector_norm(metric, 2, {-1}).contiguous()};
+  return at::bmm(rows, (same ? rows : rows_of(metric, grid.cols)).transpose(1, 2));
+}
+
+// The metric as the loops read it: fp32, each token's channels contiguous.
+at::Tensor fp32_rows(const at::Tensor& metric_in) {
+  auto metric = metric_in.scalar_type() == at::kFloat ? metric_in : metric_in.to(at::kFloat);
+  return metric.stride(2) == 1 ? metric : metric.contiguous();
+}
+
+// |v|^2 of a D-long row, summed in kLanes interleaved partial sums (which vectorise, where one
+// running sum is a chain of dependent additions); any order of the D terms is within
+// verify.cosine_error. This loop and not an ATen norm: at batch 1 each op costs microseconds,
+// more between a model's GEMMs.
+float sum_of_squares(const float* v, int64_t D) {
+  constexpr int kLanes = 8;
+  float part[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += v[d + l] * v[d + l];
+  float total = 0.f;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  for (; d < D; ++d) total += v[d] * v[d];
+  return total;
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
@@ -72,21 +90,20 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
                    [&](int64_t a, int64_t b) { return key[a] > key[b]; });
 }
 
-// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j (a zero
-// vector's norm clamped to NORM_EPS: its cosines are 0), and for Ward's cost -(size_i size_j /
-// (size_i + size_j)) (1 - cosine), as the reference. The clamp and the reciprocal are this loop's,
-// not two more ATen ops: at batch 1 each op costs microseconds, more between a model's GEMMs. The
-// columns' inverse norms and sizes are gathered side by side first, so that each row's loop is
-// elementwise over contiguous arrays and vectorises (the same operations in the same order).
-void affinities(float* sim, const float* norm, const float* size, bool ward, const Grid& grid) {
+// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j, and for
+// Ward's cost -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference. The columns'
+// inverse norms and sizes are gathered side by side first, so that each row's loop is elementwise
+// over contiguous arrays and vectorises (the same operations in the same order).
+void affinities(float* sim, const float* inv_norm, const float* size, bool ward,
+                const Grid& grid) {
   const int64_t n_cols = grid.cols.count;
   std::vector<float> col_inv(n_cols), col_size(n_cols);
   for (int64_t j = 0; j < n_cols; ++j) {
-    col_inv[j] = 1.f / std::max(norm[grid.cols.token(j)], NORM_EPS);
+    col_inv[j] = inv_norm[grid.cols.token(j)];
     col_size[j] = size[grid.cols.token(j)];
   }
   for (int64_t i = 0; i < grid.rows.count; ++i) {
-    const float inv_i = 1.f / std::max(norm[grid.rows.token(i)], NORM_EPS);
+    const float inv_i = inv_norm[grid.rows.token(i)];
     const float s_i = size[grid.rows.token(i)];
     float* row = sim + i * n_cols;
     if (ward) {
@@ -206,12 +223,26 @@ void spread(const Construction& c, const Affinities& sim, int64_t j,
   }
 }
 
-// One image: fills dst/weight [N, K] from its dot products and norms (sim.data and norm null
-// when the construction reads none), `score` [N] and `size` [N].
-void match_image(const Construction& c, const Affinities& sim, const float* norm,
+// An image's metric: N rows of D fp32 channels, `stride` apart.
+struct Metric {
+  const float* data;
+  int64_t stride, D;
+};
+
+// 1 / |metric row t| of every token, a zero row's norm clamped to NORM_EPS (its cosines are 0).
+std::vector<float> inverse_norms(const Metric& m, int64_t N) {
+  std::vector<float> inv(N);
+  for (int64_t t = 0; t < N; ++t)
+    inv[t] = 1.f / std::max(std::sqrt(sum_of_squares(m.data + t * m.stride, m.D)), NORM_EPS);
+  return inv;
+}
+
+// One image: fills dst/weight [N, K] from its dot products and metric (sim.data and metric.data
+// null when the construction reads none), `score` [N] and `size` [N].
+void match_image(const Construction& c, const Affinities& sim, const Metric& metric,
                  const float* score, const float* size, int64_t* dst, float* weight) {
   const int64_t N = c.tokens, K = c.slots();
-  if (sim.data) affinities(sim.data, norm, size, c.ward, sim.grid);
+  if (sim.data) affinities(sim.data, inverse_norms(metric, N).data(), size, c.ward, sim.grid);
 
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
@@ -286,15 +317,16 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   auto weight = at::empty({B, N, K}, opts);
   const bool needs_sim = !c.by_importance() || c.method == Method::Spread;
   const Grid grid(c);
-  at::Tensor sim, norm;
-  if (needs_sim) std::tie(sim, norm) = dot_products(*metric, grid);
+  const at::Tensor m = needs_sim ? fp32_rows(*metric) : at::Tensor();
+  const at::Tensor sim = needs_sim ? dot_products(m, grid) : at::Tensor();
   const int64_t per_image = grid.rows.count * grid.cols.count;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
-                  needs_sim ? norm.data_ptr<float>() + b * N : nullptr,
+                  {needs_sim ? m.data_ptr<float>() + b * m.stride(0) : nullptr,
+                   needs_sim ? m.stride(1) : 0, needs_sim ? m.size(2) : 0},
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);
