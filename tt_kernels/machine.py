@@ -22,6 +22,34 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+_CACHE_KIND = {"Data": "d", "Instruction": "i"}  # L1d, L1i; unified caches: L2, L3
+
+
+def cpu_identity():
+    """What tells two CPUs of one model name apart (a cloud's Xeons all read "Intel(R) Xeon(R)
+    Processor", and their speeds differ): family, model and stepping, each cache's size, and the
+    instruction set ATen's kernels run (AVX512, AVX2 or DEFAULT: ATEN_CPU_CAPABILITY may lower it).
+    Linux's /proc and /sys; what a platform does not expose is left out."""
+    identity = {"aten_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("cpu family", "model", "stepping") and key not in identity:
+                identity[key] = value
+            elif not line.strip() and len(identity) > 1:  # the first processor's block only
+                break
+    except OSError:
+        pass
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip()
+                                 for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        identity[f"L{level}{_CACHE_KIND.get(kind, '')}"] = size
+    return identity
+
+
 def git_state():
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
@@ -40,6 +68,7 @@ def machine_info():
         usable = os.cpu_count()
     return {
         "cpu_model": cpu_model(),
+        "cpu_identity": cpu_identity(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "hostname": socket.gethostname(),
