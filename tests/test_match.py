@@ -4,12 +4,30 @@ import pytest
 
 from conftest import construction_kwargs, make_tokens
 from reference_cases import CASES, assert_same_T, inputs, ref_match
-from tt_kernels import reference
+from tt_kernels import reference, verify
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_match(tt, case):
     t, args = inputs(case)
+    got = tt.match(t["metric"], t["score"], t["size"], **args)
+    assert_same_T(got, ref_match(t, args))
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("D", [5, 13, 27])
+@pytest.mark.parametrize("method,cost", [("tome", "cosine"), ("spread", "ward")])
+def test_metric_widths_off_every_vector_width(tt, D, method, cost):
+    """The case grid's metric is 16 channels wide; kernels sum squares and products in vector
+    lanes (the CPU's 8, Triton's and CUDA's packs) with a scalar tail, which widths that are
+    no multiple of 2, 4 or 8 run through. Seeds clear of near ties: dst must be the reference's."""
+    args = dict(r=9, method=method, cost=cost, prefix=1)
+    seed = D
+    while True:
+        t = make_tokens(2, 37, D=D, seed=seed)
+        if not verify.near_ties(t["metric"], t["score"], t["size"], **args).any():
+            break
+        seed += 100
     got = tt.match(t["metric"], t["score"], t["size"], **args)
     assert_same_T(got, ref_match(t, args))
 
