@@ -18,9 +18,10 @@ def test_match(tt, case):
 @pytest.mark.parametrize("D", [5, 13, 27])
 @pytest.mark.parametrize("method,cost", [("tome", "cosine"), ("spread", "ward")])
 def test_metric_widths_off_every_vector_width(tt, D, method, cost):
-    """The case grid's metric is 16 channels wide; kernels sum squares and products in vector
-    lanes (the CPU's 8, Triton's and CUDA's packs) with a scalar tail, which widths that are
-    no multiple of 2, 4 or 8 run through. Seeds clear of near ties: dst must be the reference's."""
+    """The case grid's metric is 16 channels wide, while the kernels read channels in groups (the
+    CPU's 8 partial sums of squares, CUDA's 16-byte packs, Triton's power-of-two blocks) and
+    finish the rest by a tail or a mask, which only widths off every group size run through.
+    Seeds clear of near ties: dst must be the reference's."""
     args = dict(r=9, method=method, cost=cost, prefix=1)
     seed = D
     while True:
