@@ -21,7 +21,9 @@ With --compile each row also runs under torch.compile(dynamic=False; fullgraph=T
 timm under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only). A row that fails (a
 compile error, a kernel that does not run on this device) records its error; the others go on.
 Reducing rows also report their time as a fraction of their bound's in the same compile mode
-("of bound": bound time / row time), r=0 of timm's. FLOPs fractions come from the exact counter
+("of bound": bound time / row time), r=0 of timm's, with the quartiles of that fraction turn by
+turn ("turns q1-q3", tt_kernels.measure.ratio_by_turn): where a goal lies between them, one run
+does not settle it. FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
 
@@ -321,6 +323,7 @@ def run_case(eager, base, n0, args, batch, log, deadline):
         if reference and reference in seconds:
             row["bound_row"] = reference
             row["of_bound"] = seconds[reference] / seconds[name]
+            row["of_bound_by_turn"] = measure.ratio_by_turn(times[reference], times[name])
     return results
 
 
@@ -359,15 +362,17 @@ def file_name(model_name, args, info):
 
 def case_table(results):
     lines = [f"  {'row':36s} {'ms':>9s} {'img/s':>9s} {'speedup':>8s} {'of bound':>8s} "
-             f"{'FLOPs':>6s}"]
+             f"{'turns q1-q3':>11s} {'FLOPs':>6s}"]
     for name, row in results.items():
         if "ms" not in row:
             lines.append(f"  {name:36s} {row['status']}: {row.get('reason', row.get('error'))}"
                          [:110])
             continue
-        of_bound = f"{row['of_bound']:.2f}" if "of_bound" in row else "-"
+        of_bound = f"{row['of_bound']:.3f}" if "of_bound" in row else "-"
+        by_turn = row.get("of_bound_by_turn")
+        spread = f"{by_turn['q1']:.3f}-{by_turn['q3']:.3f}" if by_turn else "-"
         lines.append(f"  {name:36s} {row['ms']:9.2f} {row['images_per_s']:9.1f} "
-                     f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} "
+                     f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} {spread:>11s} "
                      f"{row['flops_fraction']:6.3f}")
     return "\n".join(lines)
 

@@ -83,6 +83,10 @@ def test_every_row_at_every_batch(tmp_path):
             assert 0.5 < rows[name]["flops_fraction"] <= BUDGET, name
             # each held to the bound of the schedule it ran
             assert rows[name]["bound_row"] == bound_of[name] and rows[name]["of_bound"] > 0
+            # one turn: its ratio is the ratio of the medians
+            by_turn = rows[name]["of_bound_by_turn"]
+            assert by_turn["q1"] == by_turn["median"] == by_turn["q3"]
+            assert math.isclose(by_turn["median"], rows[name]["of_bound"], rel_tol=1e-12)
             assert rows[bound_of[name]]["schedule"] == rows[name]["schedule"], name
         assert rows["tt_kernels r=0"]["bound_row"] == "timm eager"
         assert rows["tt_kernels default"]["schedule"] == schedule

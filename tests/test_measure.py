@@ -20,7 +20,20 @@ def test_turns_alternate_the_order_and_take_medians():
     assert ran == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert result["a"]["median_ms"] == 3.0 and result["b"]["median_ms"] == 4.0
     assert (result["a"]["min_ms"], result["a"]["max_ms"]) == (1.0, 5.0)
-    assert result["a"]["times_ms"] == [1.0, 3.0, 5.0] and result["a"]["samples"] == 3
+    assert result["a"]["times_ms"] == [5.0, 1.0, 3.0] and result["a"]["samples"] == 3
+
+
+def test_ratios_pair_the_samples_of_one_turn():
+    """Turn by turn, b's time over a's is 2 while a swings by 4x across the turns: the ratio of
+    every turn is 2, where ratios of unpaired samples would spread over 0.5 to 8."""
+    a = measure.summary([1.0, 4.0, 2.0, 3.0])
+    b = measure.summary([2.0, 8.0, 4.0, 6.0])
+    assert measure.ratio_by_turn(b, a) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
+    spread = measure.ratio_by_turn(measure.summary([2.0, 8.0, 4.0, 6.0]),
+                                   measure.summary([4.0, 1.0, 3.0, 2.0]))
+    assert spread["q1"] < 2.0 < spread["q3"]
+    with pytest.raises(ValueError, match="one sample a turn"):
+        measure.ratio_by_turn(b, measure.summary([1.0]))
 
 
 def test_summary_quantiles():

@@ -6,7 +6,8 @@ are timed in the same process, turn after turn, each turn timing every candidate
 then in reverse order: A B, B A, ...), so that a change of load on a shared machine, or of clock on
 a GPU, hits all of them alike. A candidate's time is the median of what its clock measured over
 the turns (a sample a turn; do_bench's: one a call); a ratio of two candidates is the ratio of their
-medians. A clock times one candidate in one turn:
+medians, and the spread of the ratio turn by turn (ratio_by_turn) says how far that one ratio can
+be trusted. A clock times one candidate in one turn:
 
   CpuClock      torch.utils.benchmark.Timer.timeit: wall time of `number` calls after the two that
                 Timer runs first and discards, so each turn opens on caches of its own and no
@@ -163,12 +164,27 @@ class EventClock:
 
 
 def summary(times_ms):
-    """Median, extremes, quartiles and 20/80 % quantiles of samples in ms."""
+    """Median, extremes, quartiles and 20/80 % quantiles of samples in ms; the samples kept in
+    the order given (time_in_turns': turn by turn)."""
     times = sorted(times_ms)
     cuts = statistics.quantiles(times, n=20, method="inclusive") if len(times) > 1 else times * 19
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
             "q1_ms": cuts[4], "q3_ms": cuts[14], "p20_ms": cuts[3], "p80_ms": cuts[15],
-            "samples": len(times), "times_ms": times}
+            "samples": len(times), "times_ms": list(times_ms)}
+
+
+def ratio_by_turn(numerator, denominator):
+    """Median and quartiles over the turns of numerator's time / denominator's in the same turn,
+    for two summaries of one time_in_turns with a sample a turn. Both candidates of a turn meet
+    the same load, so the quartiles show how much a run's ratio moves from turn to turn: a ratio
+    of medians near a goal, with quartiles on both sides of it, does not settle the goal."""
+    a, b = numerator["times_ms"], denominator["times_ms"]
+    if len(a) != len(b):
+        raise ValueError(f"one sample a turn is needed: {len(a)} against {len(b)} samples")
+    ratios = sorted(x / y for x, y in zip(a, b))
+    cuts = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else \
+        ratios * 3
+    return {"median": cuts[1], "q1": cuts[0], "q3": cuts[2]}
 
 
 def time_in_turns(calls, turns, clock, warmup=0):
