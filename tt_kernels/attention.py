@@ -152,8 +152,8 @@ def q_dtype(x):
 
 
 def resolve(form, x):
-    """The form `attention=form` runs on input x: "auto" made concrete (a module that cannot take
-    the column gets the mask instead, column_supported)."""
+    """The form `attention=form` runs on input x: "auto" made concrete. Whether a module can
+    take the column is attend's question (column_supported), not this one's."""
     if form == "auto":
         return CUDA_AUTO.get(q_dtype(x), "mask") if x.is_cuda else "mask"
     return form

@@ -320,13 +320,13 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   const at::Tensor m = needs_sim ? fp32_rows(*metric) : at::Tensor();
   const at::Tensor sim = needs_sim ? dot_products(m, grid) : at::Tensor();
   const int64_t per_image = grid.rows.count * grid.cols.count;
+  const int64_t m_stride = needs_sim ? m.stride(1) : 0, D = needs_sim ? m.size(2) : 0;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
-                  {needs_sim ? m.data_ptr<float>() + b * m.stride(0) : nullptr,
-                   needs_sim ? m.stride(1) : 0, needs_sim ? m.size(2) : 0},
+                  {needs_sim ? m.data_ptr<float>() + b * m.stride(0) : nullptr, m_stride, D},
                   score.defined() ? score.data_ptr<float>() + b * N : nullptr,
                   size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
                   weight.data_ptr<float>() + b * N * K);
