@@ -35,7 +35,11 @@ Timing: tt_kernels.measure.time_forwards, the rows in turns (--repeats of them, 
 would take under --seconds): on the CPU one forward a turn (torch.utils.benchmark's Timer, after
 the two forwards it discards); on CUDA, CUDA events around a few forwards per turn (enough for
 ~10 ms), synchronised, L2 not flushed (a served model's weights stay warm too). Inputs are random
-normal images. Writes one JSON per model to each --out-dir (default bench/results/):
+normal images. Memory: with --allocator held (the default) glibc's malloc keeps what the process
+frees (tt_kernels.measure.hold_freed_memory), so that no row pays page faults for memory handed
+back to the kernel; --allocator glibc leaves malloc as it is. Each row records the minor page
+faults of its turns (median; "faults/turn" in the table: a turn is Timer's three forwards on the
+CPU). Writes one JSON per model to each --out-dir (default bench/results/):
 model-<card>-<model>-<dtype>[-amp][-compile].json on a GPU (card from torch.cuda.get_device_name,
 slugged), model-<model>-<cpu>-<cores>c.json on the CPU.
 """
@@ -58,10 +62,10 @@ from tt_kernels.machine import device_info, machine_info, slug, versions
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA graphs record
-    # after 2). The CPU's turns vary by a few percent (the allocator's state, other tenants): with
-    # 7 the ratios moved by 3-4% between runs on a 2-core Xeon; 25 take about a minute at batch
-    # 16. At batch 1 a turn is short and 25 of them still moved the ratios by 3%: there the turns
-    # fill 30 s (about 100).
+    # after 2). The CPU's turns vary by a few percent (other tenants; with --allocator glibc
+    # also the allocator's state): with 7 the ratios moved by 3-4% between runs on a 2-core Xeon;
+    # 25 take about a minute at batch 16. At batch 1 a turn is short and 25 of them still moved
+    # the ratios by 3%: there the turns fill 30 s (about 100).
     "cpu": dict(batch="1,16", repeats=25, seconds=30.0, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
@@ -311,7 +315,8 @@ def run_case(eager, base, n0, args, batch, log, deadline):
     times = measure.time_forwards(fns, x, args.repeats, args.warmup, args.seconds)
     seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
-        results[name].update(ms=s * 1e3, images_per_s=batch / s, turns=times[name]["samples"])
+        results[name].update(ms=s * 1e3, images_per_s=batch / s, turns=times[name]["samples"],
+                             page_faults_per_turn=times[name]["page_faults"])
         if device.type == "cuda":
             results[name]["forwards_per_turn"] = times[name]["calls_per_turn"]
     for name, row in results.items():
@@ -362,7 +367,7 @@ def file_name(model_name, args, info):
 
 def case_table(results):
     lines = [f"  {'row':36s} {'ms':>9s} {'img/s':>9s} {'speedup':>8s} {'of bound':>8s} "
-             f"{'turns q1-q3':>11s} {'FLOPs':>6s}"]
+             f"{'turns q1-q3':>11s} {'FLOPs':>6s} {'faults/turn':>11s}"]
     for name, row in results.items():
         if "ms" not in row:
             lines.append(f"  {name:36s} {row['status']}: {row.get('reason', row.get('error'))}"
@@ -371,9 +376,11 @@ def case_table(results):
         of_bound = f"{row['of_bound']:.3f}" if "of_bound" in row else "-"
         by_turn = row.get("of_bound_by_turn")
         spread = f"{by_turn['q1']:.3f}-{by_turn['q3']:.3f}" if by_turn else "-"
+        faults = row.get("page_faults_per_turn")
+        faults = "-" if faults is None else f"{faults:g}"
         lines.append(f"  {name:36s} {row['ms']:9.2f} {row['images_per_s']:9.1f} "
                      f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} {spread:>11s} "
-                     f"{row['flops_fraction']:6.3f}")
+                     f"{row['flops_fraction']:6.3f} {faults:>11s}")
     return "\n".join(lines)
 
 
@@ -437,6 +444,9 @@ def parse_args(argv):
                    help="more turns than --repeats where those take less than this (cpu 30, "
                         "cuda 0)")
     p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
+    p.add_argument("--allocator", choices=("held", "glibc"), default="held",
+                   help="held: glibc's malloc keeps freed memory, so no row pays page faults for "
+                        "what another freed (default); glibc: malloc as it is")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows and cases left when it is spent are recorded as skipped")
     p.add_argument("--out-dir", action="append", default=None,
@@ -474,6 +484,9 @@ def main(argv=None):
         # default 8, and past the limit dynamo would silently run eager
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if args.allocator == "held" and not measure.hold_freed_memory():
+        log("--allocator held: this is not glibc, malloc is left as it is")
+        args.allocator = "as it is (not glibc)"
     info, out_dirs = machine_info(), [Path(d) for d in args.out_dir or [HERE / "results"]]
     records = []
     for model_name in args.models:
@@ -491,7 +504,7 @@ def main(argv=None):
                   "compile": args.compile, "budget": args.budget, "repeats": args.repeats,
                   "seconds": args.seconds,
                   "tt_kernels_backend": tt_backends(args.backend, args.device),
-                  "warmup": args.warmup,
+                  "warmup": args.warmup, "allocator": args.allocator,
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else
                   "torch.utils.benchmark.Timer, median of interleaved turns",

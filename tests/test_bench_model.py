@@ -12,6 +12,7 @@ import timm
 import torch
 
 import tt_kernels
+from tt_kernels import measure
 
 _SPEC = importlib.util.spec_from_file_location(
     "bench_model", Path(__file__).resolve().parent.parent / "bench" / "bench_model.py")
@@ -22,7 +23,8 @@ NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=96, depth=4)  # 37 tokens: the default and tome solve different schedules
 BUDGET = 0.6
 ARGV = ["--device", "cpu", "--models", NAME, "--model-kwargs", json.dumps(TINY),
-        "--budget", str(BUDGET), "--repeats", "1", "--seconds", "0", "--warmup", "0"]
+        "--budget", str(BUDGET), "--repeats", "1", "--seconds", "0", "--warmup", "0",
+        "--allocator", "glibc"]  # held memory is process-wide: pytest's malloc stays as it is
 
 
 def _tiny():
@@ -68,6 +70,7 @@ def test_every_row_at_every_batch(tmp_path):
     assert sum(schedule) > 0  # the budget removes tokens, so the rows below differ
     assert record["cases"][0]["rows"]["tt_kernels tome"]["schedule"] != schedule  # told apart
     assert [case["batch"] for case in record["cases"]] == [1, 2]
+    assert record["allocator"] == "glibc"
     for case in record["cases"]:
         rows = case["rows"]
         assert set(rows) == set(reducing + unreduced + list(bound_of.values()))
@@ -76,6 +79,8 @@ def test_every_row_at_every_batch(tmp_path):
             assert row["ms"] > 0 and math.isclose(row["images_per_s"],
                                                   case["batch"] / row["ms"] * 1e3)
             assert row["output_shape"] == [case["batch"], 1000] and row["turns"] == 1
+            faults = row["page_faults_per_turn"]
+            assert faults is None if measure.page_faults() is None else faults >= 0
         assert rows["timm eager"]["speedup"] == 1.0
         for name in unreduced:
             assert rows[name]["flops_fraction"] == 1.0 and sum(rows[name]["schedule"]) == 0

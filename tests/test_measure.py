@@ -1,4 +1,8 @@
 """tt_kernels.measure: the turns' order and statistics, and the CPU clock's calls."""
+import mmap
+import platform
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,6 +25,60 @@ def test_turns_alternate_the_order_and_take_medians():
     assert result["a"]["median_ms"] == 3.0 and result["b"]["median_ms"] == 4.0
     assert (result["a"]["min_ms"], result["a"]["max_ms"]) == (1.0, 5.0)
     assert result["a"]["times_ms"] == [5.0, 1.0, 3.0] and result["a"]["samples"] == 3
+
+
+PAGE = mmap.PAGESIZE
+
+
+@pytest.mark.skipif(measure.page_faults() is None, reason="no getrusage on this platform")
+def test_turns_count_each_candidates_page_faults():
+    """A candidate that writes a byte to each page of fresh anonymous memory faults once a page;
+    one that allocates nothing, hardly at all."""
+    pages = 2048
+
+    def touch():
+        with mmap.mmap(-1, pages * PAGE) as fresh:
+            for page in range(pages):
+                fresh[page * PAGE] = 1
+
+    result = measure.time_in_turns({"touch": touch, "idle": lambda: None}, 3,
+                                   measure.CpuClock(number=1))
+    # a turn is Timer's three calls; Python's own allocations fault a few pages at most
+    assert result["touch"]["page_faults"] >= 3 * pages
+    assert result["idle"]["page_faults"] < pages // 10
+
+
+_FREE_THEN_ALLOCATE = """
+import sys, torch
+from tt_kernels import measure
+held = sys.argv[1] == "held" and measure.hold_freed_memory()
+faults = []
+for _ in range(3):
+    torch.empty(16 << 20).fill_(1.0)  # 64 MiB touched, then freed
+    before = measure.page_faults()
+    torch.empty(8 << 20).fill_(1.0)  # 32 MiB: fits in what was just freed
+    faults.append(measure.page_faults() - before)
+print(int(held), min(faults), max(faults))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or measure.page_faults() is None,
+                    reason="mallopt is glibc's")
+def test_held_memory_is_taken_again_without_faults():
+    """64 MiB touched and freed, then 32 MiB allocated and touched, three times, in a process of
+    its own (holding is process-wide). With glibc's defaults the 64 MiB went back to the kernel and
+    the 32 MiB are mapped afresh: a fault a page. Held, the 32 MiB lie in the 64 MiB just freed,
+    whose pages are still the process's: no fault."""
+    def run(allocator):
+        out = subprocess.run([sys.executable, "-c", _FREE_THEN_ALLOCATE, allocator], check=True,
+                             capture_output=True, text=True).stdout.split()
+        return tuple(map(int, out))
+
+    pages = (32 << 20) // PAGE
+    held, _, most = run("held")
+    assert held == 1 and most < pages // 100  # a stray page of Python's own, at most a few
+    held, least, _ = run("glibc")
+    assert held == 0 and least >= pages
 
 
 def test_ratios_pair_the_samples_of_one_turn():
