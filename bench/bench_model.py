@@ -35,9 +35,9 @@ Timing: tt_kernels.measure.time_forwards, the rows in turns (--repeats of them, 
 would take under --seconds): on the CPU one forward a turn (torch.utils.benchmark's Timer, after
 the two forwards it discards); on CUDA, CUDA events around a few forwards per turn (enough for
 ~10 ms), synchronised, L2 not flushed (a served model's weights stay warm too). Inputs are random
-normal images. Memory: with --allocator held (the default) glibc's malloc keeps what the process
+normal images. Memory: with --malloc held (the default) glibc's malloc keeps what the process
 frees (tt_kernels.measure.hold_freed_memory), so that no row pays page faults for memory handed
-back to the kernel; --allocator glibc leaves malloc as it is. Each row records the minor page
+back to the kernel; --malloc default leaves malloc as it is. Each row records the minor page
 faults of its turns (median; "faults/turn" in the table: a turn is Timer's three forwards on the
 CPU). Writes one JSON per model to each --out-dir (default bench/results/):
 model-<card>-<model>-<dtype>[-amp][-compile].json on a GPU (card from torch.cuda.get_device_name,
@@ -62,7 +62,7 @@ from tt_kernels.machine import device_info, machine_info, slug, versions
 HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA graphs record
-    # after 2). The CPU's turns vary by a few percent (other tenants; with --allocator glibc
+    # after 2). The CPU's turns vary by a few percent (other tenants; with --malloc default
     # also the allocator's state): with 7 the ratios moved by 3-4% between runs on a 2-core Xeon;
     # 25 take about a minute at batch 16. At batch 1 a turn is short and 25 of them still moved
     # the ratios by 3%: there the turns fill 30 s (about 100).
@@ -444,9 +444,9 @@ def parse_args(argv):
                    help="more turns than --repeats where those take less than this (cpu 30, "
                         "cuda 0)")
     p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
-    p.add_argument("--allocator", choices=("held", "glibc"), default="held",
+    p.add_argument("--malloc", choices=measure.MALLOC, default="held",
                    help="held: glibc's malloc keeps freed memory, so no row pays page faults for "
-                        "what another freed (default); glibc: malloc as it is")
+                        "what another freed (default); default: malloc as it is")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows and cases left when it is spent are recorded as skipped")
     p.add_argument("--out-dir", action="append", default=None,
@@ -484,9 +484,7 @@ def main(argv=None):
         # default 8, and past the limit dynamo would silently run eager
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if args.allocator == "held" and not measure.hold_freed_memory():
-        log("--allocator held: this is not glibc, malloc is left as it is")
-        args.allocator = "as it is (not glibc)"
+    args.malloc = measure.use_malloc(args.malloc)
     info, out_dirs = machine_info(), [Path(d) for d in args.out_dir or [HERE / "results"]]
     records = []
     for model_name in args.models:
@@ -504,7 +502,7 @@ def main(argv=None):
                   "compile": args.compile, "budget": args.budget, "repeats": args.repeats,
                   "seconds": args.seconds,
                   "tt_kernels_backend": tt_backends(args.backend, args.device),
-                  "warmup": args.warmup, "allocator": args.allocator,
+                  "warmup": args.warmup, "malloc": args.malloc,
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else
                   "torch.utils.benchmark.Timer, median of interleaved turns",

@@ -24,7 +24,7 @@ TINY = dict(img_size=96, depth=4)  # 37 tokens: the default and tome solve diffe
 BUDGET = 0.6
 ARGV = ["--device", "cpu", "--models", NAME, "--model-kwargs", json.dumps(TINY),
         "--budget", str(BUDGET), "--repeats", "1", "--seconds", "0", "--warmup", "0",
-        "--allocator", "glibc"]  # held memory is process-wide: pytest's malloc stays as it is
+        "--malloc", "default"]  # held memory is process-wide: pytest's malloc stays as it is
 
 
 def _tiny():
@@ -70,7 +70,7 @@ def test_every_row_at_every_batch(tmp_path):
     assert sum(schedule) > 0  # the budget removes tokens, so the rows below differ
     assert record["cases"][0]["rows"]["tt_kernels tome"]["schedule"] != schedule  # told apart
     assert [case["batch"] for case in record["cases"]] == [1, 2]
-    assert record["allocator"] == "glibc"
+    assert record["malloc"] == "default"
     for case in record["cases"]:
         rows = case["rows"]
         assert set(rows) == set(reducing + unreduced + list(bound_of.values()))

@@ -7,7 +7,7 @@
 
 For every method x FLOPs budget it measures GFLOPs (exact counter), images/s and the speedup over
 the unpatched model (timm's fused SDPA, same process, batch, device and dtype, all configurations
-timed in turns), the cosine of the final image feature (the CLS token; the size-weighted token
+timed in turns, glibc's malloc holding freed memory unless --malloc default), the cosine of the final image feature (the CLS token; the size-weighted token
 mean for avg-pool models) and of the restored patch grid to the unreduced model's (run on the same
 device and dtype), a linear probe's accuracy (faces vs non-faces), where the model has one the
 saliency head's agreement, and with --data the top-1 on an ImageFolder. Fidelity is reported on
@@ -35,7 +35,7 @@ from .fidelity import agreement, resamples, summary
 from .families import family_of
 from .flops import vit_flops
 from .machine import cpu_model
-from .measure import time_forwards
+from .measure import MALLOC, time_forwards, use_malloc
 from .models import named
 from .patch import patch
 from .visualize import save_token_maps
@@ -244,6 +244,10 @@ def parse_args(argv=None):
                              "(default: 256 on CUDA, 16 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-speed", action="store_true", help="no timing (no images/s)")
+    parser.add_argument("--malloc", choices=MALLOC, default="held",
+                        help="for the timing: held, glibc's malloc keeps freed memory so that no "
+                             "configuration pays page faults for what another freed (default); "
+                             "default: malloc as it is")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes for --data (default: min(8, CPU count))")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -350,6 +354,7 @@ def job(args, rank, world):
              f"{where}")
     if not args.skip_speed:
         print("timing every configuration in turns ...")
+        args.malloc = use_malloc(args.malloc)
         x = images[torch.arange(args.speed_batch) % len(images)].to(args.device)
         with precision(args.device, DTYPES[args.dtype]):
             seconds = {key: t["median_ms"] / 1e3
@@ -357,7 +362,7 @@ def job(args, rank, world):
         for row in rows:
             row["images_per_s"] = args.speed_batch / seconds[(row["method"], row["budget"])]
             row["speedup"] = seconds[("unreduced", 1.0)] / seconds[(row["method"], row["budget"])]
-        title += f", timed at batch {args.speed_batch}"
+        title += f", timed at batch {args.speed_batch} (malloc {args.malloc})"
     top1_images = top1[("unreduced", 1.0)][1] if top1 else None
     if top1:
         title += f", top-1 on {top1_images} images of {args.data}"
@@ -368,7 +373,8 @@ def job(args, rank, world):
         json.dump({"model": description, "device": where, "dtype": args.dtype,
                    "processes": world, "images": names, "threads": torch.get_num_threads(),
                    "machine": platform.platform(), "speed_batch": None if args.skip_speed
-                   else args.speed_batch, "data": args.data, "preprocessing": preprocessing,
+                   else args.speed_batch, "malloc": None if args.skip_speed else args.malloc,
+                   "data": args.data, "preprocessing": preprocessing,
                    "top1_images": top1_images, "rows": rows}, f, indent=1, default=str)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")

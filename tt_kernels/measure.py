@@ -25,7 +25,7 @@ be trusted. A clock times one candidate in one turn:
 The turns also count the process's minor page faults (page_faults): memory the allocator handed
 back to the kernel and takes again costs a fault a page, and how much that is depends on what the
 candidates before freed. A benchmark that compares the candidates' own work holds freed memory
-first (hold_freed_memory).
+first (hold_freed_memory, a benchmark's --malloc held).
 """
 import copy
 import ctypes
@@ -191,6 +191,17 @@ def hold_freed_memory():
         return False
     mallopt = ctypes.CDLL(None).mallopt
     return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_MMAP_MAX, 0))
+
+
+MALLOC = ("held", "default")  # a benchmark's --malloc
+
+
+def use_malloc(choice):
+    """A benchmark's --malloc: "held" holds freed memory (hold_freed_memory), "default" leaves
+    malloc as it is. Returns what to record: the choice, or "default (held needs glibc)"."""
+    if choice == "held" and not hold_freed_memory():
+        return "default (held needs glibc)"
+    return choice
 
 
 def page_faults():
