@@ -5,10 +5,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../tt.h"
 #include "kernels.h"
+#include "sum_of_squares.h"
 
 namespace tt {
 namespace {
@@ -73,20 +75,13 @@ void gather_rows(const RowLists& lists, const scalar_t* x, const float* size_out
       for (int64_t e = start[i]; e < start[i + 1]; ++e) {
         const scalar_t* xj = x + (b * N + token[e]) * C;
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] += coef[e] * static_cast<float>(xj[ch]);
-        if (mode == Mode::Norm) {
-          float square = 0;
-          for (int64_t ch = 0; ch < C; ++ch)
-            square += static_cast<float>(xj[ch]) * static_cast<float>(xj[ch]);
-          norm += coef[e] * std::sqrt(square);
-        }
+        if (mode == Mode::Norm) norm += coef[e] * std::sqrt(sum_of_squares(xj, C));
       }
       // Mean rows divide by their size; a row that receives nothing stays zero.
       if (mode != Mode::Sum)
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] = total > 0 ? acc[ch] / total : 0.f;
       if (mode == Mode::Norm) {
-        float square = 0;
-        for (int64_t ch = 0; ch < C; ++ch) square += acc[ch] * acc[ch];
-        const float length = std::sqrt(square);
+        const float length = std::sqrt(sum_of_squares(acc.data(), C));
         const float scale = length > 0 && total > 0 ? (norm / total) / length : 0.f;
         for (int64_t ch = 0; ch < C; ++ch) acc[ch] *= scale;
       }

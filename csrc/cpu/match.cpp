@@ -18,6 +18,7 @@
 
 #include "../tt.h"
 #include "kernels.h"
+#include "sum_of_squares.h"
 
 namespace tt {
 namespace {
@@ -66,22 +67,6 @@ at::Tensor dot_products(const at::Tensor& metric, const Grid& grid) {
 at::Tensor fp32_rows(const at::Tensor& metric_in) {
   auto metric = metric_in.scalar_type() == at::kFloat ? metric_in : metric_in.to(at::kFloat);
   return metric.stride(2) == 1 ? metric : metric.contiguous();
-}
-
-// |v|^2 of a D-long row, summed in kLanes interleaved partial sums (which vectorise, where one
-// running sum is a chain of dependent additions); any order of the D terms is within
-// verify.cosine_error. This loop and not an ATen norm: at batch 1 each op costs microseconds,
-// more between a model's GEMMs.
-float sum_of_squares(const float* v, int64_t D) {
-  constexpr int kLanes = 8;
-  float part[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += v[d + l] * v[d + l];
-  float total = 0.f;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  for (; d < D; ++d) total += v[d] * v[d];
-  return total;
 }
 
 // Sorts `tokens` by key, descending; equal keys keep ascending token order.
