@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tt_kernels  # noqa: E402
 from tt_kernels import data  # noqa: E402
 from tt_kernels.machine import cpu_model  # noqa: E402
-from tt_kernels.measure import same_weights, time_forwards  # noqa: E402
+from tt_kernels.measure import (  # noqa: E402
+    add_malloc_argument, same_weights, time_forwards, use_malloc)
 from tt_kernels.models import dinov2_onnx  # noqa: E402
 
 FAMILIES = {"hf": (dinov2_onnx.load_dinov2_small_hf, lambda m: lambda x: m(pixel_values=x)),
@@ -29,8 +30,11 @@ def main(argv=None):
     parser.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--flops", type=float, default=0.6)
     parser.add_argument("--turns", type=int, default=7)
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
-    print(f"{torch.get_num_threads()} threads on {cpu_model()}, fp32, flops={args.flops}")
+    malloc = use_malloc(args.malloc)
+    print(f"{torch.get_num_threads()} threads on {cpu_model()}, fp32, flops={args.flops}, "
+          f"malloc {malloc}")
     images = data.normalize(data.photo_batch(224)[0])
     for batch in map(int, args.batch.split(",")):
         x = images[torch.arange(batch) % len(images)]

@@ -444,9 +444,7 @@ def parse_args(argv):
                    help="more turns than --repeats where those take less than this (cpu 30, "
                         "cuda 0)")
     p.add_argument("--warmup", type=int, default=None, help="forwards discarded (cpu 2, cuda 3)")
-    p.add_argument("--malloc", choices=measure.MALLOC, default="held",
-                   help="held: glibc's malloc keeps freed memory, so no row pays page faults for "
-                        "what another freed (default); default: malloc as it is")
+    measure.add_malloc_argument(p)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; rows and cases left when it is spent are recorded as skipped")
     p.add_argument("--out-dir", action="append", default=None,

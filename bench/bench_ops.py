@@ -157,7 +157,9 @@ def main(argv=None):
                         help="JSON path (default bench/results/cpu-<machine>[-quick].json)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per backend")
     parser.add_argument("--warmup", type=int, default=None, help="discarded calls per backend")
+    measure.add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    malloc = measure.use_malloc(args.malloc)
 
     if args.quick:
         main_shape = dict(B=4, N=197, C=384, D=64, H=6, r=16)
@@ -227,6 +229,7 @@ def main(argv=None):
         "machine": info,
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "timing": {"warmup": warmup, "repeats": repeats, "turns": turns, "clock": str(clock),
+                   "malloc": malloc,
                    "order": "turns: reference then C++, C++ then reference, ... "
                             "(tt_kernels.measure.time_in_turns)",
                    "statistic": "median over the turns of the ms per call (min, max, quartiles; "

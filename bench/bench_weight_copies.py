@@ -29,7 +29,9 @@ def main(argv=None):
     parser.add_argument("--turns", type=int, default=25)
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="more turns than --turns where those take less than this")
+    measure.add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    malloc = measure.use_malloc(args.malloc)
     base = timm.create_model(args.model, pretrained=False).eval()
     models = {"model": base}
     for i in range(1, args.copies + 1):
@@ -40,7 +42,8 @@ def main(argv=None):
     times = measure.time_forwards(models, x, args.turns, seconds=args.seconds)
     ms = {name: t["median_ms"] for name, t in times.items()}
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads on {cpu_model()}, "
-          f"{times['model']['samples']} turns: speed as a fraction of the model's")
+          f"{times['model']['samples']} turns, malloc {malloc}: speed as a fraction of the "
+          "model's")
     for name, t in ms.items():
         print(f"  {name:16s} {t:8.2f} ms  {ms['model'] / t:.3f}")
     return ms

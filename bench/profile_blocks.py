@@ -130,7 +130,9 @@ def main(argv=None):
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--forwards", type=int, default=3, help="profiled forwards per turn")
     parser.add_argument("--out", default=None, help="JSON path (default: print only)")
+    measure.add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    malloc = measure.use_malloc(args.malloc)
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval()
     settings = dict(flops=args.flops, **({"method": args.method} if args.method else {}))
@@ -140,7 +142,8 @@ def main(argv=None):
         print(table(cases[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(model=args.model, machine=machine.machine_info(),
-                                                  threads=torch.get_num_threads(), cases=cases),
+                                                  threads=torch.get_num_threads(),
+                                                  malloc=malloc, cases=cases),
                                              indent=1))
 
 

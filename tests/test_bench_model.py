@@ -140,6 +140,7 @@ def test_weight_copies_times_the_model_and_every_copy():
         "bench_weight_copies.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    ms = script.main(["--model", NAME, "--copies", "2", "--turns", "1", "--seconds", "0"])
+    ms = script.main(["--model", NAME, "--copies", "2", "--turns", "1", "--seconds", "0",
+                      "--malloc", "default"])
     assert list(ms) == ["model", "deep copy 1", "deep copy 2", "same weights 1", "same weights 2"]
     assert all(t > 0 for t in ms.values())

@@ -129,7 +129,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per backend")
     parser.add_argument("--warmup", type=int, default=2, help="discarded calls per backend")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    measure.add_malloc_argument(parser)
     args = parser.parse_args(argv)
+    malloc = measure.use_malloc(args.malloc)
     started = time.perf_counter()
 
     try:
@@ -222,7 +224,7 @@ def main(argv=None):
                    "batch": B, "r": args.r, "blocks": args.blocks, "prefix": prefix,
                    "repeats": args.repeats, "warmup": args.warmup, "tau": 0.1,
                    "images": names},
-        "machine": machine_info(),
+        "machine": machine_info(), "malloc": malloc,
         "n_tokens": N, "channels": C, "capture_ms": capture_ms,
         "score": {"agree": s_ok, "check": s_check, "reference": s_t["reference"],
                   "cpu": s_t["cpu"]},

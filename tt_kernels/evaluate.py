@@ -35,7 +35,7 @@ from .fidelity import agreement, resamples, summary
 from .families import family_of
 from .flops import vit_flops
 from .machine import cpu_model
-from .measure import MALLOC, time_forwards, use_malloc
+from .measure import add_malloc_argument, time_forwards, use_malloc
 from .models import named
 from .patch import patch
 from .visualize import save_token_maps
@@ -244,10 +244,7 @@ def parse_args(argv=None):
                              "(default: 256 on CUDA, 16 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-speed", action="store_true", help="no timing (no images/s)")
-    parser.add_argument("--malloc", choices=MALLOC, default="held",
-                        help="for the timing: held, glibc's malloc keeps freed memory so that no "
-                             "configuration pays page faults for what another freed (default); "
-                             "default: malloc as it is")
+    add_malloc_argument(parser)  # applied before the timing
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader processes for --data (default: min(8, CPU count))")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

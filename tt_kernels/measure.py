@@ -180,12 +180,13 @@ def hold_freed_memory():
     memory takes no fresh pages. True where it took effect; False off glibc, whose malloc is then
     as it was.
 
-    Why: with glibc's defaults a large buffer, once freed, goes back to the kernel, and the next
-    one takes fresh pages at a fault each, as the heap's state happens to allow. On a 2-core Xeon,
-    unpatched DeiT-S at batch 16 took about 110,000 minor faults a forward (450 MB of fresh pages)
-    and ran 12-20% slower than with memory held; the patched models and their bounds took from
-    none to 10,000, from run to run. Held, the candidates reuse what they free, as under the
-    reusing allocators (jemalloc, tcmalloc) that PyTorch's CPU tuning guide recommends.
+    Why: with glibc's defaults a large buffer, once freed, may go back to the kernel, and the next
+    one then takes fresh pages at a fault each (a kernel entry and a zeroed page), as the heap's
+    state happens to allow. On a 2-core Xeon at batch 16, DeiT-S's rows in bench_model --malloc
+    default took from 34,000 (the bounds) to 185,000 (patched with r=0) minor faults a turn of
+    three forwards, in amounts that change from run to run; held, none. Held, the candidates reuse
+    what they free, as under the reusing allocators (jemalloc, tcmalloc) that PyTorch's CPU tuning
+    guide recommends.
     """
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -193,12 +194,17 @@ def hold_freed_memory():
     return bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)) and bool(mallopt(_M_MMAP_MAX, 0))
 
 
-MALLOC = ("held", "default")  # a benchmark's --malloc
+def add_malloc_argument(parser):
+    """A timing command's --malloc, which use_malloc applies."""
+    parser.add_argument("--malloc", choices=("held", "default"), default="held",
+                        help="held: glibc's malloc keeps freed memory, so that no candidate pays "
+                             "page faults for what another freed (default); default: malloc as "
+                             "it is")
 
 
 def use_malloc(choice):
-    """A benchmark's --malloc: "held" holds freed memory (hold_freed_memory), "default" leaves
-    malloc as it is. Returns what to record: the choice, or "default (held needs glibc)"."""
+    """A timing command's --malloc: "held" holds freed memory (hold_freed_memory), "default"
+    leaves malloc as it is. Returns what to record: the choice, or "default (held needs glibc)"."""
     if choice == "held" and not hold_freed_memory():
         return "default (held needs glibc)"
     return choice
