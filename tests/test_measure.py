@@ -69,15 +69,15 @@ def test_held_memory_is_taken_again_without_faults():
     its own (holding is process-wide). With glibc's defaults the 64 MiB went back to the kernel and
     the 32 MiB are mapped afresh: a fault a page. Held, the 32 MiB lie in the 64 MiB just freed,
     whose pages are still the process's: no fault."""
-    def run(allocator):
-        out = subprocess.run([sys.executable, "-c", _FREE_THEN_ALLOCATE, allocator], check=True,
+    def run(malloc):
+        out = subprocess.run([sys.executable, "-c", _FREE_THEN_ALLOCATE, malloc], check=True,
                              capture_output=True, text=True).stdout.split()
         return tuple(map(int, out))
 
     pages = (32 << 20) // PAGE
     held, _, most = run("held")
     assert held == 1 and most < pages // 100  # a stray page of Python's own, at most a few
-    held, least, _ = run("glibc")
+    held, least, _ = run("default")
     assert held == 0 and least >= pages
 
 
