@@ -11,9 +11,10 @@ timed in turns, glibc's malloc holding freed memory unless --malloc default), th
 final image feature (the CLS token; the size-weighted token mean for avg-pool models) and of the
 restored patch grid to the unreduced model's (run on the same device and dtype), a linear probe's
 accuracy (faces vs non-faces), where the model has one the saliency head's agreement, and with
---data the top-1 on an ImageFolder. Fidelity is reported on the held-out photos only (tt_kernels.data: every view of them; the defaults were chosen on the
-tuning photos), each mean with its 95% bootstrap interval over photos (tt_kernels.fidelity). It
-writes results.json, results.md, fidelity.png and tokens.png to --out.
+--data the top-1 on an ImageFolder. Fidelity is reported on the held-out photos only
+(tt_kernels.data: every view of them; the defaults were chosen on the tuning photos), each mean with
+its 95% bootstrap interval over photos (tt_kernels.fidelity). It writes results.json, results.md,
+fidelity.png and tokens.png to --out.
 
 bf16 and fp16 run the models under torch.autocast (weights stay fp32). Under torchrun
 (WORLD_SIZE > 1) the processes split the --data images (DistributedSampler, each image counted
