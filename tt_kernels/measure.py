@@ -241,10 +241,8 @@ def ratio_by_turn(numerator, denominator):
     a, b = numerator["times_ms"], denominator["times_ms"]
     if len(a) != len(b):
         raise ValueError(f"one sample a turn is needed: {len(a)} against {len(b)} samples")
-    ratios = sorted(x / y for x, y in zip(a, b))
-    cuts = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else \
-        ratios * 3
-    return {"median": cuts[1], "q1": cuts[0], "q3": cuts[2]}
+    ratios = summary([x / y for x, y in zip(a, b)])
+    return {"median": ratios["median_ms"], "q1": ratios["q1_ms"], "q3": ratios["q3_ms"]}
 
 
 def time_in_turns(calls, turns, clock, warmup=0):
