@@ -1,6 +1,7 @@
 """tt.match against tt_kernels.reference.match: T = (dst, weight) of every construction, for every
 backend of the `tt` fixture (tests/conftest.py) on the case grid of tests/reference_cases.py."""
 import pytest
+import torch
 
 from conftest import construction_kwargs, make_tokens
 from reference_cases import CASES, assert_same_T, inputs, ref_match
@@ -58,3 +59,57 @@ def test_alpha_is_ignored_outside_transform(tt, method):
     for alpha in (0.5, 1.0):
         got = tt.match(t["metric"], t["score"], t["size"], 4, method, alpha=alpha)
         assert_same_T(got, want)
+
+
+def _twin_tokens():
+    """3 images of 197 tokens, 384 channels (a model's queries: the GEMMs' full paths), prefix 1.
+    Twins (equal metric rows) that are removed tokens' best targets, across ToMe's sets (A: even
+    tokens, B: odd) and within them: 40 (A) = 41 (B) near token 60; 71 (B) = 194 (A, in the
+    GEMMs' last column tile, which MKL's AVX2 path rounds differently) near 90; 33 = 35 (B) near
+    100; 44 = 46 (A) near 120. And A twins 140 = 142 that a step by redundancy mixed with
+    unimportance (alpha 0.5) ranks fifth: scores 0 for 60, 90, 100, 120, 0.2 for the twins, else
+    1; 120 and the twins lean towards B tokens 85 and 77. Those tokens have size 1, the others 2
+    to 4 (under Ward's cost larger groups merge last: the choices stay the cosine's)."""
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, 197, 384, generator=g)
+    size = torch.randint(2, 5, (3, 197), generator=g).float()
+    size[:, [33, 35, 40, 41, 44, 46, 60, 71, 77, 85, 90, 100, 120, 140, 142, 194]] = 1.0
+    score = torch.ones(3, 197)
+
+    def near(token, scale):
+        return metric[:, token] + scale * torch.randn(3, 384, generator=g)
+
+    for first, twin, token in ((40, 41, 60), (71, 194, 90), (33, 35, 100), (44, 46, 120)):
+        metric[:, twin] = metric[:, first]
+        metric[:, token], score[:, token] = near(first, 0.5), 0.0
+    metric[:, 120] += 0.5 * metric[:, 85]
+    metric[:, 140] = metric[:, 142] = near(77, 3.0)
+    score[:, [140, 142]] = 0.2
+    return metric, score, size
+
+
+@pytest.mark.parametrize("method,k,targets,cost", [
+    ("tome", 1, "all", "cosine"),
+    *[("spread", k, targets, cost) for k, targets in ((1, "all"), (2, "all"), (1, "b"))
+      for cost in ("cosine", "ward")]])
+def test_twins_tie_to_the_lower_index(tt, method, k, targets, cost):
+    """Twins have equal affinities with every token: an exact tie, which goes to the lower index.
+    A GEMM may round equal columns differently by their position (MKL's AVX2 kernels do), and two
+    GEMMs of different shapes round differently, so a kernel must give twins equal values. T must
+    be the reference's, whose choices show that every tie was met (a kept token's slot 0 holds its
+    own output row)."""
+    metric, score, size = _twin_tokens()
+    args = dict(r=5, method=method, k=k, targets=targets, prefix=1, cost=cost,
+                alpha=0.5 if method == "spread" else 0.0)
+    assert not verify.near_ties(metric, score, size, **args).any()
+    want = reference.match(metric, score, size, **args)
+    assert_same_T(tt.match(metric, score, size, **args), want)
+    dst = want[0]
+    ties = {60: (40, 41), 90: (71, 194), 100: (33, 35), 120: (44, 46)}
+    if method == "tome" or targets == "b":
+        ties = {60: (41,), 90: (71,), 100: (33, 35)}
+    for token, targets_met in ties.items():
+        for slot, target in enumerate(targets_met[:k]):
+            assert torch.equal(dst[:, token, slot], dst[:, target, 0])
+    if method == "spread":  # the A twins tie at the fifth removal: 140 leaves, 142 stays
+        assert torch.equal(dst[:, 142, 0], dst[:, 141, 0] + 1)

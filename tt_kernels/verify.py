@@ -81,10 +81,11 @@ def near_ties(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1,
     float64 reference, because a choice compares affinities closer than `tie_bound`. Every token
     of an image where the r-th removal key nearly ties the (r + 1)-th (the removed set, hence the
     numbering of the kept tokens, may change); each removed token whose k + 1 best targets nearly
-    tie (its slots may change). Exact ties (gap 0) are not near ties: equal inputs give equal fp32
-    values, and both sides take the lower index. Choices by score alone (prune, evit, alpha = 1)
-    compare the same fp32 values on both sides: none. Arguments as tt.match's (tau weighs, never
-    chooses)."""
+    tie (its slots may change). Exact ties (gap 0) are not near ties: tokens with equal metric
+    rows get equal values in the reference and in every kernel, whatever their positions in a
+    GEMM (tests/test_match.py's twins), and both sides take the lower index. Choices by score
+    alone (prune, evit, alpha = 1) compare the same fp32 values on both sides: none. Arguments as
+    tt.match's (tau weighs, never chooses)."""
     B, N = (metric if metric is not None else score).shape[:2]
     near = torch.zeros(B, N, dtype=torch.bool)
     if method not in ("tome", "spread") or alpha == 1 or r == 0 or B == 0:

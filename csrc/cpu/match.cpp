@@ -1,17 +1,20 @@
 // CPU tt.match: the constructions of T (prune, evit, tome, spread), one image at a time. Which
 // tokens leave comes first (by importance or by redundancy), then where each one goes. The
-// cosine similarities come from one batched fp32 GEMM of the raw metric over the pairs the
-// construction reads (A x B tokens for ToMe and targets "b"), scaled by both tokens' inverse norms
-// (no normalised copy of the metric is written; the rounding stays within verify.cosine_error),
-// and every affinity follows the reference's formula, so selections are the reference's (float64)
-// except between affinities within fp32 rounding of each other; exact ties go to the lower index
-// in both.
+// cosine similarities come from fp32 GEMMs of the raw metric over only the pairs a construction
+// reads: ToMe's choice compares the A tokens with the B tokens (one batched GEMM), and spread
+// compares each removed token with its allowed targets (a small GEMM per image, once the image's
+// choice is made). Each dot product is scaled by both tokens' inverse norms (no normalised copy of
+// the metric is written; the rounding stays within verify.cosine_error), and every affinity
+// follows the reference's formula, so selections are the reference's (float64) except between
+// affinities within fp32 rounding of each other; exact ties (twins: tokens with equal metric rows)
+// go to the lower index in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -28,39 +31,32 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // The first of ToMe's B tokens (the odd unprotected ones, the targets of its choice).
 int64_t first_b(int64_t prefix) { return prefix + 1 - prefix % 2; }
 
-// The tokens start, start + step, ...: the rows or the columns of the affinities.
+// The tokens start, start + step, ...: the rows or the columns of affinities.
 struct Tokens {
   int64_t start, step, count;
   int64_t token(int64_t i) const { return start + step * i; }
-  int64_t index(int64_t token) const { return (token - start) / step; }
-};
-
-// What one image's affinities hold: a row for each token that may leave (the A tokens by
-// redundancy, every token by importance), a column for each token it is compared with (only the B
-// tokens where nothing reads the others: ToMe's best B token, targets "b"; else every token).
-struct Grid {
-  Tokens rows, cols;
-  explicit Grid(const Construction& c) {
-    const int64_t N = c.tokens, P = c.prefix;
-    rows = c.by_importance() ? Tokens{0, 1, N} : Tokens{first_a(P), 2, a_count(N, P)};
-    cols = c.method == Method::Tome || c.targets_b
-               ? Tokens{first_b(P), 2, std::max<int64_t>(N - first_b(P) + 1, 0) / 2}
-               : Tokens{0, 1, N};
+  std::vector<int64_t> list() const {
+    std::vector<int64_t> tokens(count);
+    for (int64_t i = 0; i < count; ++i) tokens[i] = token(i);
+    return tokens;
   }
 };
+
+Tokens a_tokens(int64_t N, int64_t P) { return {first_a(P), 2, a_count(N, P)}; }
+Tokens b_tokens(int64_t N, int64_t P) {
+  return {first_b(P), 2, std::max<int64_t>(N - first_b(P) + 1, 0) / 2};
+}
+
+// The tokens a removed token may spread to, if kept: the B tokens with targets "b", else every
+// token after the prefix.
+Tokens targets(const Construction& c) {
+  return c.targets_b ? b_tokens(c.tokens, c.prefix) : Tokens{c.prefix, 1, c.tokens - c.prefix};
+}
 
 // The metric's rows `tokens`, [B, count, D], read where they lie (the model's queries are a
 // strided view).
 at::Tensor rows_of(const at::Tensor& metric, const Tokens& tokens) {
   return metric.slice(1, tokens.start, tokens.start + tokens.step * tokens.count, tokens.step);
-}
-
-// The dot products of the grid's rows with its columns [B, rows, cols], fp32, from the metric
-// in fp32 with contiguous channels (`fp32_rows`).
-at::Tensor dot_products(const at::Tensor& metric, const Grid& grid) {
-  const at::Tensor rows = rows_of(metric, grid.rows);
-  const bool same = grid.rows.step == grid.cols.step && grid.rows.start == grid.cols.start;
-  return at::bmm(rows, (same ? rows : rows_of(metric, grid.cols)).transpose(1, 2));
 }
 
 // The metric as the loops read it: fp32, each token's channels contiguous.
@@ -75,29 +71,28 @@ void sort_descending(std::vector<int64_t>& tokens, const std::vector<float>& key
                    [&](int64_t a, int64_t b) { return key[a] > key[b]; });
 }
 
-// The affinities in place of the dot products: the cosine dot inv_norm_i inv_norm_j, and for
-// Ward's cost -(size_i size_j / (size_i + size_j)) (1 - cosine), as the reference. The columns'
-// inverse norms and sizes are gathered side by side first, so that each row's loop is elementwise
-// over contiguous arrays and vectorises (the same operations in the same order).
-void affinities(float* sim, const float* inv_norm, const float* size, bool ward,
-                const Grid& grid) {
-  const int64_t n_cols = grid.cols.count;
-  std::vector<float> col_inv(n_cols), col_size(n_cols);
-  for (int64_t j = 0; j < n_cols; ++j) {
-    col_inv[j] = inv_norm[grid.cols.token(j)];
-    col_size[j] = size[grid.cols.token(j)];
+// The affinities in place of the dot products sim [rows.size(), cols.count]: the cosine
+// dot inv_norm_i inv_norm_j, and for Ward's cost -(size_i size_j / (size_i + size_j)) (1 - cosine),
+// as the reference. The columns' inverse norms and sizes are gathered side by side first, so that
+// each row's loop is elementwise over contiguous arrays and vectorises (the same operations in the
+// same order).
+void affinities(float* sim, const std::vector<int64_t>& rows, const Tokens& cols,
+                const float* inv_norm, const float* size, bool ward) {
+  std::vector<float> col_inv(cols.count), col_size(cols.count);
+  for (int64_t j = 0; j < cols.count; ++j) {
+    col_inv[j] = inv_norm[cols.token(j)];
+    col_size[j] = size[cols.token(j)];
   }
-  for (int64_t i = 0; i < grid.rows.count; ++i) {
-    const float inv_i = inv_norm[grid.rows.token(i)];
-    const float s_i = size[grid.rows.token(i)];
-    float* row = sim + i * n_cols;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const float inv_i = inv_norm[rows[i]], s_i = size[rows[i]];
+    float* row = sim + i * cols.count;
     if (ward) {
-      for (int64_t j = 0; j < n_cols; ++j) {
+      for (int64_t j = 0; j < cols.count; ++j) {
         const float cosine = row[j] * inv_i * col_inv[j];
         row[j] = -(s_i * col_size[j] / std::max(s_i + col_size[j], SCORE_EPS) * (1.f - cosine));
       }
     } else {
-      for (int64_t j = 0; j < n_cols; ++j) row[j] = row[j] * inv_i * col_inv[j];
+      for (int64_t j = 0; j < cols.count; ++j) row[j] = row[j] * inv_i * col_inv[j];
     }
   }
 }
@@ -113,21 +108,12 @@ void choose_by_importance(const Construction& c, const float* score, std::vector
   for (size_t i = n_keep(c.method, N, c.r, P); i < order.size(); ++i) keep[order[i]] = 0;
 }
 
-// One image's affinities: row(t) holds token t's, at the grid's columns.
-struct Affinities {
-  float* data;
-  const Grid& grid;
-  const float* row(int64_t token) const {
-    return data + grid.rows.index(token) * grid.cols.count;
-  }
-};
-
-// The first of the largest of v[0], v[step], ..., v[(n - 1) step] (NaN is never the largest) and
-// its value; (-1, -inf) where none exceeds -inf. The same as one pass that keeps each value above
-// all before it, but run as kLanes interleaved passes (each keeps its own first largest; the
-// lanes' largest then wins, the lower index on ties): independent comparisons, which the CPU
-// overlaps, instead of one chain of dependent ones.
-std::pair<int64_t, float> first_max(const float* v, int64_t n, int64_t step) {
+// The first of the largest of v[0..n) (NaN is never the largest) and its value; (-1, -inf) where
+// none exceeds -inf. The same as one pass that keeps each value above all before it, but run as
+// kLanes interleaved passes (each keeps its own first largest; the lanes' largest then wins, the
+// lower index on ties): independent comparisons, which the CPU overlaps, instead of one chain of
+// dependent ones.
+std::pair<int64_t, float> first_max(const float* v, int64_t n) {
   constexpr int kLanes = 8;
   float best[kLanes];
   int64_t at[kLanes];
@@ -136,10 +122,10 @@ std::pair<int64_t, float> first_max(const float* v, int64_t n, int64_t step) {
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
     for (int l = 0; l < kLanes; ++l)
-      if (v[(j + l) * step] > best[l]) best[l] = v[(j + l) * step], at[l] = j + l;
+      if (v[j + l] > best[l]) best[l] = v[j + l], at[l] = j + l;
   std::pair<int64_t, float> first{-1, kNegInf};
   for (; j < n; ++j)
-    if (v[j * step] > first.second) first = {j, v[j * step]};
+    if (v[j] > first.second) first = {j, v[j]};
   for (int l = 0; l < kLanes; ++l)
     if (best[l] > first.second || (best[l] == first.second && at[l] >= 0 && at[l] < first.first))
       first = {at[l], best[l]};
@@ -148,42 +134,41 @@ std::pair<int64_t, float> first_max(const float* v, int64_t n, int64_t step) {
 
 // Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
 // their similarity optionally mixed with unimportance (alpha > 0); best_b[a]: A token a's most
-// similar B token.
-void choose_by_redundancy(const Construction& c, const Affinities& sim, const float* score,
+// similar B token. sim: the affinities of the A tokens (rows) with the B tokens (columns).
+void choose_by_redundancy(const Construction& c, const float* sim, const float* score,
                           std::vector<char>& keep, std::vector<int64_t>& best_b) {
   const int64_t N = c.tokens, P = c.prefix;
+  const Tokens a = a_tokens(N, P), b = b_tokens(N, P);
   std::vector<int64_t> order;
   std::vector<float> key(N, kNegInf);
   float top_score = SCORE_EPS;
   if (c.alpha > 0)
     for (int64_t j = P; j < N; ++j) top_score = std::max(top_score, score[j]);
   const float w_red = static_cast<float>(1.0 - c.alpha), w_imp = static_cast<float>(c.alpha);
-  const int64_t col0 = sim.grid.cols.index(first_b(P)), step = 2 / sim.grid.cols.step;
-  const int64_t n_b = std::max<int64_t>(N - first_b(P) + 1, 0) / 2;
-  for (int64_t a = first_a(P); a < N; a += 2) {
-    const auto [i, best] = first_max(sim.row(a) + col0, n_b, step);
-    if (i >= 0) best_b[a] = first_b(P) + 2 * i;
-    key[a] = c.alpha > 0 ? best * w_red + (1.f - score[a] / top_score) * w_imp : best;
-    order.push_back(a);
+  for (int64_t i = 0; i < a.count; ++i) {
+    const auto [col, best] = first_max(sim + i * b.count, b.count);
+    const int64_t t = a.token(i);
+    if (col >= 0) best_b[t] = b.token(col);
+    key[t] = c.alpha > 0 ? best * w_red + (1.f - score[t] / top_score) * w_imp : best;
+    order.push_back(t);
   }
   sort_descending(order, key);
   for (int64_t i = 0; i < c.r; ++i) keep[order[i]] = 0;
 }
 
-// spread: removed token j's slots d/w, its k most similar allowed targets (kept, after the
-// prefix, B tokens only with targets "b"), weighted softmax(affinity / tau); none found: pruned
-// (weights stay 0). top/val: k entries of scratch.
-void spread(const Construction& c, const Affinities& sim, int64_t j,
-            const std::vector<char>& keep, const std::vector<int64_t>& row_of,
-            std::vector<int64_t>& top, std::vector<float>& val, int64_t* d, float* w) {
-  const int64_t N = c.tokens, P = c.prefix, K = c.k;
-  const float* row = sim.row(j);
-  // The allowed targets in ascending order, inserted into a descending list (strict > keeps the
+// spread: a removed token's slots d/w, its k most similar kept targets, weighted
+// softmax(affinity / tau); none found: pruned (weights stay 0). row: its affinities with
+// targets(c); top/val: k entries of scratch.
+void spread(const Construction& c, const float* row, const std::vector<char>& keep,
+            const std::vector<int64_t>& row_of, std::vector<int64_t>& top,
+            std::vector<float>& val, int64_t* d, float* w) {
+  const int64_t K = c.k;
+  const Tokens allowed = targets(c);
+  // The kept targets in ascending order, inserted into a descending list (strict > keeps the
   // lower index on ties).
-  const int64_t first = c.targets_b ? first_b(P) : P, step = c.targets_b ? 2 : 1;
-  const int64_t col_step = step / sim.grid.cols.step;
   int64_t found = 0;
-  for (int64_t t = first, col = sim.grid.cols.index(first); t < N; t += step, col += col_step) {
+  for (int64_t col = 0; col < allowed.count; ++col) {
+    const int64_t t = allowed.token(col);
     if (!keep[t]) continue;
     const float v = row[col];
     if (found == K && !(v > val[K - 1])) continue;
@@ -222,32 +207,170 @@ std::vector<float> inverse_norms(const Metric& m, int64_t N) {
   return inv;
 }
 
-// One image: fills dst/weight [N, K] from its dot products and metric (sim.data and metric.data
-// null when the construction reads none), `score` [N] and `size` [N].
-void match_image(const Construction& c, const Affinities& sim, const Metric& metric,
-                 const float* score, const float* size, int64_t* dst, float* weight) {
-  const int64_t N = c.tokens, K = c.slots();
-  if (sim.data) affinities(sim.data, inverse_norms(metric, N).data(), size, c.ward, sim.grid);
+// Twins: tokens whose metric rows (and, with Ward's cost, sizes) are equal bit for bit. Their
+// affinities are equal, and the reference breaks such exact ties by the lower index; but a GEMM
+// may round equal columns differently by their position (MKL's AVX2 kernels do), and two GEMMs of
+// other shapes round differently. So every affinity with a twin is copied from the first twin
+// compared: equal inputs, equal values. first_twin[t]: the lowest of t's twins (t itself if none).
+struct Twins {
+  std::vector<int64_t> first_twin;
+  bool any = false;
+
+  Twins() = default;  // none: the construction compares no affinities
+
+  // Each token looked up in ascending order in a hash table of the first twins so far, keyed by
+  // the inverse norm (equal rows have equal norms), rows compared only where the norms are equal.
+  Twins(const Metric& m, const std::vector<float>& inv_norm, const float* size, bool ward,
+        int64_t N)
+      : first_twin(N) {
+    const auto bits = [](float v) {
+      uint32_t u;
+      std::memcpy(&u, &v, sizeof u);
+      return u;
+    };
+    const auto equal = [&](int64_t a, int64_t b) {
+      return bits(inv_norm[a]) == bits(inv_norm[b]) && (!ward || bits(size[a]) == bits(size[b])) &&
+             std::memcmp(m.data + a * m.stride, m.data + b * m.stride, m.D * sizeof(float)) == 0;
+    };
+    int64_t slots = 1;
+    while (slots < 2 * N) slots *= 2;
+    std::vector<int64_t> table(slots, -1);
+    for (int64_t t = 0; t < N; ++t) {
+      first_twin[t] = t;
+      int64_t h = (bits(inv_norm[t]) * 2654435761u) & (slots - 1);
+      for (; table[h] >= 0; h = (h + 1) & (slots - 1))
+        if (equal(table[h], t)) {
+          first_twin[t] = table[h];
+          any = true;
+          break;
+        }
+      if (first_twin[t] == t) table[h] = t;
+    }
+  }
+
+  // For each of `tokens`, the index (among them) of its first twin there.
+  std::vector<int64_t> first_of(const Tokens& tokens) const {
+    std::vector<int64_t> first(tokens.count), seen(first_twin.size(), -1);
+    for (int64_t i = 0; i < tokens.count; ++i) {
+      int64_t& at = seen[first_twin[tokens.token(i)]];
+      first[i] = at < 0 ? (at = i) : at;
+    }
+    return first;
+  }
+
+  // Copies each value of a row from its column's first twin's (first: first_of the columns).
+  static void tie_row(float* row, const std::vector<int64_t>& first) {
+    for (size_t i = 0; i < first.size(); ++i) row[i] = row[first[i]];
+  }
+
+  // sim [rows.count, cols.count]: every value from its row's and its column's first twins'.
+  void tie(float* sim, const Tokens& rows, const Tokens& cols) const {
+    if (!any) return;
+    const std::vector<int64_t> first_row = first_of(rows), first_col = first_of(cols);
+    for (int64_t i = 0; i < rows.count; ++i) tie_row(sim + i * cols.count, first_col);
+    for (int64_t i = 0; i < rows.count; ++i)
+      if (first_row[i] != i)
+        std::copy_n(sim + first_row[i] * cols.count, cols.count, sim + i * cols.count);
+  }
+};
+
+// The affinities of the removed tokens (rows, ascending) with the tokens `cols`: their metric
+// rows gathered, times the columns' rows where they lie. One small GEMM of r rows where only the
+// removed tokens spread.
+std::vector<float> removed_affinities(const Metric& m, const std::vector<int64_t>& removed,
+                                      const Tokens& cols, const float* inv_norm,
+                                      const float* size, bool ward) {
+  const int64_t R = static_cast<int64_t>(removed.size());
+  std::vector<float> rows(R * m.D), sim(R * cols.count);
+  if (R == 0 || cols.count == 0) return sim;
+  for (int64_t i = 0; i < R; ++i)
+    std::copy_n(m.data + removed[i] * m.stride, m.D, rows.data() + i * m.D);
+  const auto fp32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(sim.data(), {R, cols.count}, fp32);
+  at::mm_out(out, at::from_blob(rows.data(), {R, m.D}, fp32),
+             at::from_blob(const_cast<float*>(m.data) + cols.start * m.stride, {m.D, cols.count},
+                           {1, cols.step * m.stride}, fp32));
+  affinities(sim.data(), removed, cols, inv_norm, size, ward);
+  return sim;
+}
+
+// Where each removed token's affinities with targets(c) are read. Chosen by redundancy, the
+// removed tokens are A tokens whose affinities with the B tokens the choice already holds: only
+// targets "all" needs more, their affinities with the A tokens (a GEMM of r x A). Chosen by
+// importance, any token may leave: a GEMM of r x targets.
+class SpreadAffinities {
+ public:
+  SpreadAffinities(const Construction& c, const float* choice, const Metric& m,
+                   const std::vector<int64_t>& removed, const float* inv_norm, const float* size,
+                   const Twins& twins)
+      : c_(c), choice_(choice), allowed_(targets(c)), row_(allowed_.count) {
+    if (c.method != Method::Spread || (choice && c.targets_b)) return;
+    gemm_ = removed_affinities(m, removed, choice ? a_tokens(c.tokens, c.prefix) : allowed_,
+                               inv_norm, size, c.ward);
+    if (twins.any) first_twin_ = twins.first_of(allowed_);
+  }
+
+  // Removed token j's affinities with targets(c); i: j's rank among the removed.
+  const float* row(int64_t j, int64_t i) {
+    const Tokens a = a_tokens(c_.tokens, c_.prefix), b = b_tokens(c_.tokens, c_.prefix);
+    const float* with_b = choice_ ? choice_ + (j - a.start) / 2 * b.count : nullptr;
+    if (choice_ && c_.targets_b) return with_b;  // the choice's row, its twins tied already
+    if (!choice_) {
+      std::copy_n(gemm_.data() + i * allowed_.count, allowed_.count, row_.data());
+    } else {  // targets "all": every A and B token
+      const float* with_a = gemm_.data() + i * a.count;
+      for (int64_t col = 0; col < allowed_.count; ++col) {
+        const int64_t t = allowed_.token(col);
+        row_[col] = (t - a.start) % 2 == 0 ? with_a[(t - a.start) / 2] : with_b[(t - b.start) / 2];
+      }
+    }
+    if (!first_twin_.empty()) Twins::tie_row(row_.data(), first_twin_);
+    return row_.data();
+  }
+
+ private:
+  const Construction& c_;
+  const float* choice_;
+  const Tokens allowed_;
+  std::vector<float> gemm_, row_;
+  std::vector<int64_t> first_twin_;  // of each allowed target, where twins exist
+};
+
+// One image: fills dst/weight [N, K] from its metric (data null when the construction reads
+// none), `choice` (the dot products of its A tokens with its B tokens, null unless the choice is
+// by redundancy), `score` [N] and `size` [N].
+void match_image(const Construction& c, float* choice, const Metric& metric, const float* score,
+                 const float* size, int64_t* dst, float* weight) {
+  const int64_t N = c.tokens, P = c.prefix, K = c.slots();
+  const std::vector<float> inv_norm = metric.data ? inverse_norms(metric, N) : std::vector<float>();
+  const Twins twins = metric.data ? Twins(metric, inv_norm, size, c.ward, N) : Twins();
 
   std::vector<char> keep(N, 1);
   std::vector<int64_t> best_b(N, 0);  // each A token's most similar B token (tome)
-  if (c.by_importance())
+  if (c.by_importance()) {
     choose_by_importance(c, score, keep);
-  else
-    choose_by_redundancy(c, sim, score, keep, best_b);
+  } else {
+    affinities(choice, a_tokens(N, P).list(), b_tokens(N, P), inv_norm.data(), size, c.ward);
+    twins.tie(choice, a_tokens(N, P), b_tokens(N, P));
+    choose_by_redundancy(c, choice, score, keep, best_b);
+  }
   std::vector<int64_t> row_of(N);  // output row of each kept token (of the one before, if not)
-  for (int64_t j = 0, kept = 0; j < N; ++j) row_of[j] = keep[j] ? kept++ : kept - 1;
+  std::vector<int64_t> removed;
+  for (int64_t j = 0, kept = 0; j < N; ++j) {
+    row_of[j] = keep[j] ? kept++ : kept - 1;
+    if (!keep[j]) removed.push_back(j);
+  }
+  SpreadAffinities spread_sim(c, choice, metric, removed, inv_norm.data(), size, twins);
 
   // Kept tokens send weight 1 to their own row; removed ones go where the construction says.
   std::fill(dst, dst + N * K, 0);
   std::fill(weight, weight + N * K, 0.f);
   float fused_mass = 0, fused_score_mass = 0;  // evit: sum(size), sum(score * size) of the fused
   if (c.method == Method::Evit)
-    for (int64_t j = 0; j < N; ++j)
-      if (!keep[j]) fused_mass += size[j], fused_score_mass += score[j] * size[j];
+    for (int64_t j : removed) fused_mass += size[j], fused_score_mass += score[j] * size[j];
   std::vector<int64_t> top(K);
   std::vector<float> val(K);
-  for (int64_t j = 0; j < N; ++j) {
+  for (int64_t j = 0, i = 0; j < N; ++j) {  // i: j's rank among the removed
     int64_t* d = dst + j * K;
     float* w = weight + j * K;
     if (keep[j]) {
@@ -267,9 +390,10 @@ void match_image(const Construction& c, const Affinities& sim, const Metric& met
         w[0] = 1.f;
         break;
       case Method::Spread:  // spread over its k most similar targets
-        spread(c, sim, j, keep, row_of, top, val, d, w);
+        spread(c, spread_sim.row(j, i), keep, row_of, top, val, d, w);
         break;
     }
+    ++i;
   }
 }
 
@@ -300,21 +424,23 @@ std::tuple<at::Tensor, at::Tensor> match_cpu_impl(const Construction& c,
   const auto opts = size_in.options();
   auto dst = at::empty({B, N, K}, opts.dtype(at::kLong));
   auto weight = at::empty({B, N, K}, opts);
-  const bool needs_sim = !c.by_importance() || c.method == Method::Spread;
-  const Grid grid(c);
-  const at::Tensor m = needs_sim ? fp32_rows(*metric) : at::Tensor();
-  const at::Tensor sim = needs_sim ? dot_products(m, grid) : at::Tensor();
-  const int64_t per_image = grid.rows.count * grid.cols.count;
-  const int64_t m_stride = needs_sim ? m.stride(1) : 0, D = needs_sim ? m.size(2) : 0;
+  const bool by_redundancy = !c.by_importance();
+  const bool reads_metric = by_redundancy || c.method == Method::Spread;
+  const at::Tensor m = reads_metric ? fp32_rows(*metric) : at::Tensor();
+  const Tokens a = a_tokens(N, c.prefix), b = b_tokens(N, c.prefix);
+  // The choice's dot products, batched: one GEMM of every image's A x B tokens.
+  const at::Tensor choice =
+      by_redundancy ? at::bmm(rows_of(m, a), rows_of(m, b).transpose(1, 2)) : at::Tensor();
+  const int64_t m_stride = reads_metric ? m.stride(1) : 0, D = reads_metric ? m.size(2) : 0;
   const at::Tensor score = score_in.has_value() ? score_in->contiguous() : at::Tensor();
   const at::Tensor size = size_in.contiguous();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      match_image(c, {needs_sim ? sim.data_ptr<float>() + b * per_image : nullptr, grid},
-                  {needs_sim ? m.data_ptr<float>() + b * m.stride(0) : nullptr, m_stride, D},
-                  score.defined() ? score.data_ptr<float>() + b * N : nullptr,
-                  size.data_ptr<float>() + b * N, dst.data_ptr<int64_t>() + b * N * K,
-                  weight.data_ptr<float>() + b * N * K);
+    for (int64_t i = b0; i < b1; ++i)
+      match_image(c, by_redundancy ? choice.data_ptr<float>() + i * a.count * b.count : nullptr,
+                  {reads_metric ? m.data_ptr<float>() + i * m.stride(0) : nullptr, m_stride, D},
+                  score.defined() ? score.data_ptr<float>() + i * N : nullptr,
+                  size.data_ptr<float>() + i * N, dst.data_ptr<int64_t>() + i * N * K,
+                  weight.data_ptr<float>() + i * N * K);
   });
   return {dst, weight};
 }

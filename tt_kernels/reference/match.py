@@ -18,10 +18,20 @@ from ..rules import NORM_EPS, SCORE_EPS
 
 
 def similarity(metric, rows=None):
-    """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] float64."""
+    """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] float64.
+
+    Tokens with equal metric rows get equal values, so that their exact ties go to the lower
+    index: a GEMM may round a column by its position (MKL's AVX2 kernels do), so each image's
+    distinct rows are compared once and the values indexed back."""
     m = metric.double()
-    m = m / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return torch.bmm(m if rows is None else m[:, rows], m.transpose(1, 2))
+    rows = torch.arange(m.shape[1], device=m.device) if rows is None else rows
+    sim = m.new_empty(m.shape[0], len(rows), m.shape[1])
+    for b, image in enumerate(m):
+        distinct, index = torch.unique(image, dim=0, return_inverse=True)
+        unit = distinct / torch.linalg.vector_norm(distinct, dim=-1, keepdim=True).clamp_min(
+            NORM_EPS)
+        sim[b] = (unit @ unit.T)[index[rows]][:, index]
+    return sim
 
 
 def affinity(metric, size, cost="cosine", rows=None):
