@@ -109,27 +109,23 @@ void choose_by_importance(const Construction& c, const float* score, std::vector
 }
 
 // The first of the largest of v[0..n) (NaN is never the largest) and its value; (-1, -inf) where
-// none exceeds -inf. The same as one pass that keeps each value above all before it, but run as
-// kLanes interleaved passes (each keeps its own first largest; the lanes' largest then wins, the
-// lower index on ties): independent comparisons, which the CPU overlaps, instead of one chain of
-// dependent ones.
+// none exceeds -inf. Two passes: the largest, as kLanes interleaved maxima (branch-free
+// comparisons, which vectorise, where one pass that tracks the first largest compares and
+// branches element by element), then the first index that holds it.
 std::pair<int64_t, float> first_max(const float* v, int64_t n) {
   constexpr int kLanes = 8;
-  float best[kLanes];
-  int64_t at[kLanes];
-  std::fill_n(best, kLanes, kNegInf);
-  std::fill_n(at, kLanes, -1);
+  float part[kLanes];
+  std::fill_n(part, kLanes, kNegInf);
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l)
-      if (v[j + l] > best[l]) best[l] = v[j + l], at[l] = j + l;
-  std::pair<int64_t, float> first{-1, kNegInf};
-  for (; j < n; ++j)
-    if (v[j] > first.second) first = {j, v[j]};
-  for (int l = 0; l < kLanes; ++l)
-    if (best[l] > first.second || (best[l] == first.second && at[l] >= 0 && at[l] < first.first))
-      first = {at[l], best[l]};
-  return first;
+    for (int l = 0; l < kLanes; ++l) part[l] = v[j + l] > part[l] ? v[j + l] : part[l];
+  float best = kNegInf;
+  for (; j < n; ++j) best = v[j] > best ? v[j] : best;
+  for (int l = 0; l < kLanes; ++l) best = part[l] > best ? part[l] : best;
+  if (!(best > kNegInf)) return {-1, kNegInf};
+  for (j = 0; !(v[j] == best); ++j) {
+  }
+  return {j, v[j]};
 }
 
 // Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
