@@ -299,37 +299,45 @@ class SpreadAffinities {
   SpreadAffinities(const Construction& c, const float* choice, const Metric& m,
                    const std::vector<int64_t>& removed, const float* inv_norm, const float* size,
                    const Twins& twins)
-      : c_(c), choice_(choice), allowed_(targets(c)), row_(allowed_.count) {
-    if (c.method != Method::Spread || (choice && c.targets_b)) return;
-    gemm_ = removed_affinities(m, removed, choice ? a_tokens(c.tokens, c.prefix) : allowed_,
-                               inv_norm, size, c.ward);
-    if (twins.any) first_twin_ = twins.first_of(allowed_);
+      : a_(a_tokens(c.tokens, c.prefix)),
+        b_(b_tokens(c.tokens, c.prefix)),
+        choice_(choice),
+        from_choice_(choice && c.targets_b) {
+    if (c.method != Method::Spread || from_choice_) return;
+    const Tokens allowed = targets(c);
+    cols_ = allowed.count;
+    rows_ = removed_affinities(m, removed, choice ? a_ : allowed, inv_norm, size, c.ward);
+    if (choice) {  // targets "all": the removed tokens' A columns beside the choice's B columns
+      std::vector<float> with_a = std::move(rows_);
+      rows_.resize(removed.size() * cols_);
+      for (size_t i = 0; i < removed.size(); ++i)
+        for (int64_t col = 0; col < cols_; ++col) {
+          const int64_t t = allowed.token(col);
+          rows_[i * cols_ + col] = (t - a_.start) % 2 == 0
+                                       ? with_a[i * a_.count + (t - a_.start) / 2]
+                                       : with_b(removed[i])[(t - b_.start) / 2];
+        }
+    }
+    if (twins.any) {
+      const std::vector<int64_t> first = twins.first_of(allowed);
+      for (size_t i = 0; i < removed.size(); ++i) Twins::tie_row(rows_.data() + i * cols_, first);
+    }
   }
 
   // Removed token j's affinities with targets(c); i: j's rank among the removed.
-  const float* row(int64_t j, int64_t i) {
-    const Tokens a = a_tokens(c_.tokens, c_.prefix), b = b_tokens(c_.tokens, c_.prefix);
-    const float* with_b = choice_ ? choice_ + (j - a.start) / 2 * b.count : nullptr;
-    if (choice_ && c_.targets_b) return with_b;  // the choice's row, its twins tied already
-    if (!choice_) {
-      std::copy_n(gemm_.data() + i * allowed_.count, allowed_.count, row_.data());
-    } else {  // targets "all": every A and B token
-      const float* with_a = gemm_.data() + i * a.count;
-      for (int64_t col = 0; col < allowed_.count; ++col) {
-        const int64_t t = allowed_.token(col);
-        row_[col] = (t - a.start) % 2 == 0 ? with_a[(t - a.start) / 2] : with_b[(t - b.start) / 2];
-      }
-    }
-    if (!first_twin_.empty()) Twins::tie_row(row_.data(), first_twin_);
-    return row_.data();
+  const float* row(int64_t j, int64_t i) const {
+    return from_choice_ ? with_b(j) : rows_.data() + i * cols_;
   }
 
  private:
-  const Construction& c_;
+  // A token j's row of the choice: its affinities with the B tokens (twins tied already).
+  const float* with_b(int64_t j) const { return choice_ + (j - a_.start) / 2 * b_.count; }
+
+  const Tokens a_, b_;
   const float* choice_;
-  const Tokens allowed_;
-  std::vector<float> gemm_, row_;
-  std::vector<int64_t> first_twin_;  // of each allowed target, where twins exist
+  const bool from_choice_;  // targets "b" by redundancy: the rows are the choice's
+  int64_t cols_ = 0;
+  std::vector<float> rows_;  // [removed, targets(c)] otherwise
 };
 
 // One image: fills dst/weight [N, K] from its metric (data null when the construction reads
@@ -337,7 +345,8 @@ class SpreadAffinities {
 // by redundancy), `score` [N] and `size` [N].
 void match_image(const Construction& c, float* choice, const Metric& metric, const float* score,
                  const float* size, int64_t* dst, float* weight) {
-  const int64_t N = c.tokens, P = c.prefix, K = c.slots();
+  const int64_t N = c.tokens, K = c.slots();
+  const Tokens a = a_tokens(N, c.prefix), b = b_tokens(N, c.prefix);
   const std::vector<float> inv_norm = metric.data ? inverse_norms(metric, N) : std::vector<float>();
   const Twins twins = metric.data ? Twins(metric, inv_norm, size, c.ward, N) : Twins();
 
@@ -346,8 +355,8 @@ void match_image(const Construction& c, float* choice, const Metric& metric, con
   if (c.by_importance()) {
     choose_by_importance(c, score, keep);
   } else {
-    affinities(choice, a_tokens(N, P).list(), b_tokens(N, P), inv_norm.data(), size, c.ward);
-    twins.tie(choice, a_tokens(N, P), b_tokens(N, P));
+    affinities(choice, a.list(), b, inv_norm.data(), size, c.ward);
+    twins.tie(choice, a, b);
     choose_by_redundancy(c, choice, score, keep, best_b);
   }
   std::vector<int64_t> row_of(N);  // output row of each kept token (of the one before, if not)
