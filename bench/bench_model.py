@@ -63,10 +63,12 @@ HERE = Path(__file__).resolve().parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA graphs record
     # after 2). The CPU's turns vary by a few percent (other tenants; with --malloc default
-    # also the allocator's state): with 7 the ratios moved by 3-4% between runs on a 2-core Xeon;
-    # 25 take about a minute at batch 16. At batch 1 a turn is short and 25 of them still moved
-    # the ratios by 3%: there the turns fill 30 s (about 100).
-    "cpu": dict(batch="1,16", repeats=25, seconds=30.0, warmup=2),
+    # also the allocator's state): on a 2-core Xeon at batch 16 a turn's ratio of two rows has
+    # quartiles about 5% apart, and two copies of one model, timed against each other over 10
+    # turns, came out 0.985 to 1.021 in three processes; the median of 50 turns moves by about
+    # 1% (about 8 minutes at batch 16 there). At batch 1 a turn is short: the turns fill 30 s
+    # (about 100).
+    "cpu": dict(batch="1,16", repeats=50, seconds=30.0, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
 BASELINE = "timm eager"
@@ -439,7 +441,7 @@ def parse_args(argv):
     p.add_argument("--backend", default=None, choices=tt_kernels.backends.BACKENDS,
                    help="tt_kernels backend of the patched rows (default: the package's default "
                         "on the device; on CUDA the reference until the kernels are verified)")
-    p.add_argument("--repeats", type=int, default=None, help="timed turns (cpu 25, cuda 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed turns (cpu 50, cuda 5)")
     p.add_argument("--seconds", type=float, default=None,
                    help="more turns than --repeats where those take less than this (cpu 30, "
                         "cuda 0)")
