@@ -24,9 +24,9 @@ Reducing rows also report their time as a fraction of their bound's in the same 
 ("of bound": bound time / row time, of the medians), r=0 of timm's, with that fraction's median
 and quartiles turn by turn ("by turn", tt_kernels.measure.ratio_by_turn): where a goal lies
 between the quartiles, one run does not settle it. The turn by turn median pairs each row with its
-bound in the same turn, so a change of load between turns cancels: on a 2-core Xeon at batch 16
-two runs of 50 turns gave it within 0.001 of each other where the ratio of the medians moved by
-0.02. FLOPs fractions come from the exact counter
+bound in the same turn, so a change of load between turns cancels: on a 2-core Xeon at batch 16,
+in three runs of 50 turns, it moved by 0.011 where the ratio of the medians moved by 0.03 to 0.04.
+FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
 
@@ -68,9 +68,9 @@ DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA gr
     # after 2). The CPU's turns vary by a few percent (other tenants; with --malloc default
     # also the allocator's state): on a 2-core Xeon at batch 16 a turn's ratio of two rows has
     # quartiles about 5% apart, and two copies of one model, timed against each other over 10
-    # turns, came out 0.985 to 1.021 in three processes; the median of 50 turns moves by about
-    # 1% (about 8 minutes at batch 16 there). At batch 1 a turn is short: the turns fill 30 s
-    # (about 100).
+    # turns, came out 0.985 to 1.021 in three processes; in three runs of 50 turns (about 8
+    # minutes at batch 16 there) the turn-by-turn medians moved by 0.011. At batch 1 a turn is
+    # short: the turns fill 30 s (about 100).
     "cpu": dict(batch="1,16", repeats=50, seconds=30.0, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
