@@ -123,9 +123,7 @@ std::pair<int64_t, float> first_max(const float* v, int64_t n) {
   for (; j < n; ++j) best = v[j] > best ? v[j] : best;
   for (int l = 0; l < kLanes; ++l) best = part[l] > best ? part[l] : best;
   if (!(best > kNegInf)) return {-1, kNegInf};
-  for (j = 0; !(v[j] == best); ++j) {
-  }
-  return {j, v[j]};
+  return {std::find(v, v + n, best) - v, best};
 }
 
 // Who leaves by redundancy (ToMe's bipartite choice): the r A tokens most similar to a B token,
