@@ -21,11 +21,12 @@ With --compile each row also runs under torch.compile(dynamic=False; fullgraph=T
 timm under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only). A row that fails (a
 compile error, a kernel that does not run on this device) records its error; the others go on.
 Reducing rows also report their time as a fraction of their bound's in the same compile mode
-("of bound": bound time / row time, of the medians), r=0 of timm's, with that fraction's median
-and quartiles turn by turn ("by turn", tt_kernels.measure.ratio_by_turn): where a goal lies
-between the quartiles, one run does not settle it. The turn by turn median pairs each row with its
-bound in the same turn, so a change of load between turns cancels: on a 2-core Xeon at batch 16,
-in three runs of 50 turns, it moved by 0.011 where the ratio of the medians moved by 0.03 to 0.04.
+("of bound": bound time / row time, of the medians), r=0 of timm's, with that fraction turn by turn
+("by turn", tt_kernels.measure.ratio_by_turn): its median, printed with the median's 95% interval
+(the JSON also holds the quartiles). Where a goal lies inside the interval, the run does not settle
+it. The turn by turn median pairs each row with its bound in the same turn, so a change of load
+between turns cancels: on a 2-core Xeon at batch 16, in three runs of 50 turns, it moved by 0.011
+where the ratio of the medians moved by 0.03 to 0.04.
 FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
@@ -320,6 +321,7 @@ def run_case(eager, base, n0, args, batch, log, deadline):
     seconds = {name: t["median_ms"] / 1e3 for name, t in times.items()}
     for name, s in seconds.items():
         results[name].update(ms=s * 1e3, images_per_s=batch / s, turns=times[name]["samples"],
+                             turn_ms=times[name]["times_ms"],  # for any statistic, later
                              page_faults_per_turn=times[name]["page_faults"])
         if device.type == "cuda":
             results[name]["forwards_per_turn"] = times[name]["calls_per_turn"]
@@ -371,7 +373,7 @@ def file_name(model_name, args, info):
 
 def case_table(results):
     lines = [f"  {'row':36s} {'ms':>9s} {'img/s':>9s} {'speedup':>8s} {'of bound':>8s} "
-             f"{'by turn (q1-q3)':>19s} {'FLOPs':>6s} {'faults/turn':>11s}"]
+             f"{'by turn [95% interval]':>23s} {'FLOPs':>6s} {'faults/turn':>11s}"]
     for name, row in results.items():
         if "ms" not in row:
             lines.append(f"  {name:36s} {row['status']}: {row.get('reason', row.get('error'))}"
@@ -379,12 +381,12 @@ def case_table(results):
             continue
         of_bound = f"{row['of_bound']:.3f}" if "of_bound" in row else "-"
         by_turn = row.get("of_bound_by_turn")
-        spread = f"{by_turn['median']:.3f} ({by_turn['q1']:.3f}-{by_turn['q3']:.3f})" \
+        spread = f"{by_turn['median']:.3f} [{by_turn['low']:.3f}-{by_turn['high']:.3f}]" \
             if by_turn else "-"
         faults = row.get("page_faults_per_turn")
         faults = "-" if faults is None else f"{faults:g}"
         lines.append(f"  {name:36s} {row['ms']:9.2f} {row['images_per_s']:9.1f} "
-                     f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} {spread:>19s} "
+                     f"{row.get('speedup', float('nan')):7.2f}x {of_bound:>8s} {spread:>23s} "
                      f"{row['flops_fraction']:6.3f} {faults:>11s}")
     return "\n".join(lines)
 

@@ -79,6 +79,7 @@ def test_every_row_at_every_batch(tmp_path):
             assert row["ms"] > 0 and math.isclose(row["images_per_s"],
                                                   case["batch"] / row["ms"] * 1e3)
             assert row["output_shape"] == [case["batch"], 1000] and row["turns"] == 1
+            assert row["turn_ms"] == [row["ms"]]  # one turn: its time is the median
             faults = row["page_faults_per_turn"]
             assert faults is None if measure.page_faults() is None else faults >= 0
         assert rows["timm eager"]["speedup"] == 1.0
@@ -90,7 +91,8 @@ def test_every_row_at_every_batch(tmp_path):
             assert rows[name]["bound_row"] == bound_of[name] and rows[name]["of_bound"] > 0
             # one turn: its ratio is the ratio of the medians
             by_turn = rows[name]["of_bound_by_turn"]
-            assert by_turn["q1"] == by_turn["median"] == by_turn["q3"]
+            assert by_turn["q1"] == by_turn["median"] == by_turn["q3"] == by_turn["low"] == \
+                by_turn["high"] and by_turn["coverage"] == 0  # one turn is no interval
             assert math.isclose(by_turn["median"], rows[name]["of_bound"], rel_tol=1e-12)
             assert rows[bound_of[name]]["schedule"] == rows[name]["schedule"], name
         assert rows["tt_kernels r=0"]["bound_row"] == "timm eager"

@@ -1,4 +1,5 @@
 """tt_kernels.measure: the turns' order and statistics, and the CPU clock's calls."""
+import math
 import mmap
 import platform
 import subprocess
@@ -86,12 +87,33 @@ def test_ratios_pair_the_samples_of_one_turn():
     every turn is 2, where ratios of unpaired samples would spread over 0.5 to 8."""
     a = measure.summary([1.0, 4.0, 2.0, 3.0])
     b = measure.summary([2.0, 8.0, 4.0, 6.0])
-    assert measure.ratio_by_turn(b, a) == {"median": 2.0, "q1": 2.0, "q3": 2.0}
+    paired = measure.ratio_by_turn(b, a)
+    assert [paired[key] for key in ("median", "q1", "q3", "low", "high")] == [2.0] * 5
     spread = measure.ratio_by_turn(measure.summary([2.0, 8.0, 4.0, 6.0]),
                                    measure.summary([4.0, 1.0, 3.0, 2.0]))
     assert spread["q1"] < 2.0 < spread["q3"]
     with pytest.raises(ValueError, match="one sample a turn"):
         measure.ratio_by_turn(b, measure.summary([1.0]))
+
+
+def test_median_interval_is_the_order_statistics_of_the_binomial_table():
+    """The ranks of the 95% interval of a median in the standard tables (n = 6: the range; 20:
+    6th and 15th; 100: 40th and 61st), whose coverage is 1 - 2 P(Binomial(n, 1/2) < k)."""
+    for n, (k, coverage) in {6: (1, 1 - 2 / 64), 20: (6, 0.9586), 100: (40, 0.9648)}.items():
+        low, high, got = measure.median_interval([float(v) for v in range(n, 0, -1)])
+        assert (low, high) == (k, n + 1 - k)
+        assert got == pytest.approx(coverage, abs=1e-4)  # the tables' four digits
+    assert measure.median_interval([3.0, 1.0, 2.0])[2] == 1 - 2 / 8  # too few for 0.95
+
+
+def test_median_interval_covers_the_median_as_often_as_it_says():
+    """4000 seeded draws of 20 uniform samples: the share of intervals holding the true median
+    0.5 is the stated coverage within 4 standard errors of a share of 4000 (0.013)."""
+    g = torch.Generator().manual_seed(0)
+    trials = [measure.median_interval(torch.rand(20, generator=g).tolist()) for _ in range(4000)]
+    coverage = trials[0][2]
+    share = sum(low <= 0.5 <= high for low, high, _ in trials) / len(trials)
+    assert abs(share - coverage) <= 4 * math.sqrt(coverage * (1 - coverage) / len(trials))
 
 
 def test_summary_quantiles():

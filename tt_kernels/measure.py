@@ -6,8 +6,8 @@ are timed in the same process, turn after turn, each turn timing every candidate
 then in reverse order: A B, B A, ...), so that a change of load on a shared machine, or of clock on
 a GPU, hits all of them alike. A candidate's time is the median of what its clock measured over
 the turns (a sample a turn; do_bench's: one a call); a ratio of two candidates is the ratio of their
-medians, and the spread of the ratio turn by turn (ratio_by_turn) says how far that one ratio can
-be trusted. A clock times one candidate in one turn:
+medians, and the ratio turn by turn (ratio_by_turn: its median, quartiles and the median's 95%
+interval) says how far that one ratio can be trusted. A clock times one candidate in one turn:
 
   CpuClock      torch.utils.benchmark.Timer.timeit: wall time of `number` calls after the two that
                 Timer runs first and discards, so each turn opens on caches of its own and no
@@ -233,16 +233,41 @@ def summary(times_ms):
             "samples": len(times), "times_ms": list(times_ms)}
 
 
+def median_interval(samples, level=0.95):
+    """(low, high, coverage): the distribution-free interval of the population median from
+    independent samples of one distribution, between the k-th smallest and the k-th largest
+    sample, k the largest whose coverage is at least `level`. The count of samples below the
+    median is Binomial(n, 1/2), so the interval misses it with probability 2 P(count < k); that
+    gives its coverage. Below 6 samples no interval reaches 0.95: there it is the whole range,
+    with its own coverage (1 - 2^(1 - n))."""
+    x, n = sorted(samples), len(samples)
+
+    def coverage(k):
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while 2 * (k + 1) <= n + 1 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
+
+
 def ratio_by_turn(numerator, denominator):
-    """Median and quartiles over the turns of numerator's time / denominator's in the same turn,
-    for two summaries of one time_in_turns with a sample a turn. Both candidates of a turn meet
-    the same load, so the quartiles show how much a run's ratio moves from turn to turn: a ratio
-    of medians near a goal, with quartiles on both sides of it, does not settle the goal."""
+    """Over the turns, numerator's time / denominator's in the same turn, for two summaries of one
+    time_in_turns with a sample a turn: the median and quartiles, and the median's 95% interval
+    (median_interval, its coverage beside it). Both candidates of a turn meet the same load, so
+    the ratios move less than the times; the quartiles show how far one turn's ratio moves, the
+    interval how far the median of this many turns can lie from the one many more would give (it
+    takes the turns' ratios as independent: load that persists over many turns narrows it
+    falsely, which runs in other processes show). A goal inside the interval is not settled by
+    the run."""
     a, b = numerator["times_ms"], denominator["times_ms"]
     if len(a) != len(b):
         raise ValueError(f"one sample a turn is needed: {len(a)} against {len(b)} samples")
-    ratios = summary([x / y for x, y in zip(a, b)])
-    return {"median": ratios["median_ms"], "q1": ratios["q1_ms"], "q3": ratios["q3_ms"]}
+    ratios = [x / y for x, y in zip(a, b)]
+    quantiles = summary(ratios)
+    low, high, coverage = median_interval(ratios)
+    return {"median": quantiles["median_ms"], "q1": quantiles["q1_ms"], "q3": quantiles["q3_ms"],
+            "low": low, "high": high, "coverage": coverage}
 
 
 def time_in_turns(calls, turns, clock, warmup=0):
