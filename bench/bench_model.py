@@ -214,15 +214,17 @@ def eager_models(base, budget, backend=None):
     def bound(schedule):  # no similarity: FLOPs counted as for pruning, whose steps compute none
         return zero_overhead_bound(measure.same_weights(base), schedule), dict(method="prune")
 
+    # each row next to the row it is held to (_bound_of): neighbours in a turn meet the most
+    # nearly equal load, as the turns run in order and in reverse order
     return {
         BASELINE: (base, {}),
-        "tt_kernels default": (default, counted(default)),
-        "tt_kernels tome": (tome, counted(tome)),
         "tt_kernels r=0": (tt_kernels.patch(measure.same_weights(base), r=0, backend=backend), {}),
+        "tt_kernels default": (default, counted(default)),
+        "bound": bound(default.token_reduction.schedule_for(n0)),
+        "tt_kernels tome": (tome, counted(tome)),
+        "bound, tome's schedule": bound(tome.token_reduction.schedule_for(n0)),
         f"ToMe published patch (r={r_tome})": (tome_published(measure.same_weights(base), r_tome),
                                                 dict(method="tome")),
-        "bound": bound(default.token_reduction.schedule_for(n0)),
-        "bound, tome's schedule": bound(tome.token_reduction.schedule_for(n0)),
         "bound, constant r": bound(published_schedule(n0, r_tome, len(base.blocks))),
     }
 
