@@ -69,8 +69,8 @@ DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA gr
     # after 2). The CPU's turns vary by a few percent (other tenants; with --malloc default
     # also the allocator's state): on a 2-core Xeon at batch 16 a turn's ratio of a row to its
     # bound has quartiles 5 to 8% apart, and in three runs of 50 turns (about 8 minutes at batch
-    # 16 there) the turn-by-turn medians moved by 0.011. At batch 1 a turn is short: the turns
-    # fill 30 s (about 100).
+    # 16 there) the turn-by-turn medians moved by 0.011; a median's 95% interval spanned 0.016
+    # to 0.045 in 50 turns. At batch 1 a turn is short: the turns fill 30 s (about 100).
     "cpu": dict(batch="1,16", repeats=50, seconds=30.0, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
