@@ -25,8 +25,8 @@ Reducing rows also report their time as a fraction of their bound's in the same 
 ("by turn", tt_kernels.measure.ratio_by_turn): its median, printed with the median's 95% interval
 (the JSON also holds the quartiles). Where a goal lies inside the interval, the run does not settle
 it. The turn by turn median pairs each row with its bound in the same turn, so a change of load
-between turns cancels: on a 2-core Xeon at batch 16, in three runs of 50 turns, it moved by 0.011
-where the ratio of the medians moved by 0.03 to 0.04.
+between turns cancels; the interval counts the turns as independent, and runs in separate
+processes can differ by more (bench/results/turns200 at 93df24d and at 0cf041f, 200 turns each).
 FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
@@ -68,9 +68,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULTS = {  # per device: batches, repeats, seconds, warm-up forwards (CUDA graphs record
     # after 2). The CPU's turns vary by a few percent (other tenants; with --malloc default
     # also the allocator's state): on a 2-core Xeon at batch 16 a turn's ratio of a row to its
-    # bound has quartiles 5 to 8% apart, and in three runs of 50 turns (about 8 minutes at batch
-    # 16 there) the turn-by-turn medians moved by 0.011; a median's 95% interval spanned 0.016
-    # to 0.045 in 50 turns. At batch 1 a turn is short: the turns fill 30 s (about 100).
+    # bound has quartiles 5 to 8% apart, and a median's 95% interval spans 0.016 to 0.045 in 50
+    # turns (about 8 minutes at batch 16 there; the JSONs' turn_ms give it). At batch 1 a turn is
+    # short: the turns fill 30 s (about 100).
     "cpu": dict(batch="1,16", repeats=50, seconds=30.0, warmup=2),
     "cuda": dict(batch="1,64,256", repeats=5, seconds=0.0, warmup=3),
 }
