@@ -27,6 +27,10 @@ Reducing rows also report their time as a fraction of their bound's in the same 
 it. The turn by turn median pairs each row with its bound in the same turn, so a change of load
 between turns cancels; the interval counts the turns as independent, and runs in separate
 processes can differ by more (bench/results/turns200 at 93df24d and at 0cf041f, 200 turns each).
+So --processes K runs the whole benchmark K times, each in a process of its own, one after
+another, and gives each row's time, speedup and turn-by-turn "of bound" as the median over the
+processes with that median's 95% interval, over independent runs (6 processes or more reach 95%);
+the JSON keeps every process's record.
 FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
@@ -51,6 +55,10 @@ import argparse
 import json
 import math
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -393,30 +401,123 @@ def case_table(results):
     return "\n".join(lines)
 
 
+def _cell(row):
+    """A summary cell: speedup over timm eager (of bound); over processes, their medians, "of
+    bound" turn by turn with its interval."""
+    if "speedup_by_process" in row:
+        of_bound = row.get("of_bound_by_process")
+        return f"{row['speedup_by_process']['median']:.2f}x" + (
+            f" ({of_bound['median']:.3f} [{of_bound['low']:.3f}-{of_bound['high']:.3f}])"
+            if of_bound else "")
+    if "speedup" in row:
+        return f"{row['speedup']:.2f}x" + (f" ({row['of_bound']:.2f})" if "of_bound" in row
+                                           else "")
+    return row["status"]
+
+
+def _images_per_s(case):
+    row = case.get("rows", {}).get(BASELINE, {})
+    if "ms_by_process" in row:
+        return f"{case['batch'] / row['ms_by_process']['median'] * 1e3:.1f}"
+    return f"{row['images_per_s']:.1f}" if "ms" in row else "-"
+
+
 def summary(record):
-    """One model's rows against its batches: speedup over timm eager (fraction of bound)."""
+    """One model's rows against its batches: speedup over timm eager (of bound); for a record
+    of --processes, medians over the processes, of bound turn by turn with its 95% interval."""
     cases = record["cases"]
     names = list(dict.fromkeys(n for c in cases for n in c.get("rows", {})))
-    head = f"{'row':36s}" + "".join(f"{'b=' + str(c['batch']):>15s}" for c in cases)
+    cells = {name: [_cell(c["rows"][name]) if name in c.get("rows", {}) else c["status"]
+                    for c in cases] for name in names}
+    cells[f"{BASELINE} images/s"] = [_images_per_s(c) for c in cases]
+    width = 2 + max(len(cell) for row in cells.values() for cell in row)
+    if "processes" in record:
+        coverage = measure.median_interval(range(record["processes"]))[2]
+        what = (f"medians over {record['processes']} processes: speedup over timm eager (of "
+                f"bound turn by turn [the median's interval, coverage {coverage:.3f}])")
+    else:
+        what = "speedup over timm eager (of bound)"
     lines = [f"== {record['model']} ({record['img_size']} px), {record['device']['type']} "
              f"{record['device'].get('name', record['machine']['cpu_model'])}, "
              f"{record['dtype']}{' amp' if record['amp'] else ''}, FLOPs budget "
              f"{record['budget']}, tt_kernels backend {record['tt_kernels_backend']['transform']}"
-             ": speedup over timm eager (of bound) ==", head]
-    for name in names:
-        cells = []
-        for c in cases:
-            row = c.get("rows", {}).get(name)
-            if row is None or "speedup" not in row:
-                cells.append(row["status"] if row else c["status"])
-            else:
-                cells.append(f"{row['speedup']:.2f}x" +
-                             (f" ({row['of_bound']:.2f})" if "of_bound" in row else ""))
-        lines.append(f"{name:36s}" + "".join(f"{cell:>15s}" for cell in cells))
-    lines.append(f"{'timm eager images/s':36s}" + "".join(
-        f"{c['rows'][BASELINE]['images_per_s']:15.1f}" if "ms" in c.get("rows", {}).get(
-            BASELINE, {}) else f"{'-':>15s}" for c in cases))
+             f": {what} ==",
+             f"{'row':36s}" + "".join(f"{'b=' + str(c['batch']):>{width}s}" for c in cases)]
+    lines += [f"{name:36s}" + "".join(f"{cell:>{width}s}" for cell in row)
+              for name, row in cells.items()]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- processes
+
+def over_processes(values):
+    """A statistic's median over runs in separate processes, with that median's 95% interval
+    (measure.median_interval: runs in separate processes are independent, as turns of one
+    process need not be) and each run's value."""
+    low, high, coverage = measure.median_interval(values)
+    return {"median": statistics.median(values), "low": low, "high": high,
+            "coverage": coverage, "processes": list(values)}
+
+
+def combine_processes(runs):
+    """One model's record from its runs in separate processes (records of main, in run order):
+    the first's settings, every run under "runs", and for each case and row that ran in every
+    process, the row's time, its speedup and its "of bound" turn by turn (the turn-by-turn
+    median), each over the processes (over_processes). A row's schedule is the same in every
+    process, or this raises."""
+    record = {key: value for key, value in runs[0].items()
+              if key not in ("cases", "elapsed_s", "process_id")}
+    record.update(processes=len(runs), runs=runs, cases=[])
+    for cases in zip(*(run["cases"] for run in runs)):
+        if any(case["status"] != "done" for case in cases):
+            record["cases"].append(dict(batch=cases[0]["batch"], status="skipped",
+                                        reason="not timed in every process"))
+            continue
+        rows = {}
+        for name, first in cases[0]["rows"].items():
+            each = [case["rows"][name] for case in cases]
+            if not all("ms" in row for row in each):
+                rows[name] = next(row for row in each if "ms" not in row)  # its status and why
+                continue
+            if any(row["schedule"] != first["schedule"] for row in each):
+                raise RuntimeError(f"{name} ran other schedules in other processes: "
+                                   f"{[row['schedule'] for row in each]}")
+            rows[name] = dict(status="ok", schedule=first["schedule"],
+                              flops_fraction=first["flops_fraction"],
+                              ms_by_process=over_processes([row["ms"] for row in each]))
+            if "speedup" in first:
+                rows[name]["speedup_by_process"] = over_processes([row["speedup"]
+                                                                   for row in each])
+            if "of_bound_by_turn" in first:
+                rows[name]["bound_row"] = first["bound_row"]
+                rows[name]["of_bound_by_process"] = over_processes(
+                    [row["of_bound_by_turn"]["median"] for row in each])
+        record["cases"].append(dict(batch=cases[0]["batch"], status="done", rows=rows))
+    return record
+
+
+def in_processes(argv, args):
+    """--processes K: this script with the same arguments in K processes, one after another, each
+    writing its JSONs to a folder of its own; then, per model, combine_processes of its K records,
+    written to the --out-dir folders and printed as summary tables."""
+    started = time.perf_counter()
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [Path(tmp) / f"process-{i}" for i in range(args.processes)]
+        for i, folder in enumerate(folders):
+            print(f"[bench_model] process {i + 1} of {args.processes}", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
+                            "--processes", "1", "--process-dir", str(folder)], check=True)
+        for path in sorted(folders[0].glob("*.json")):
+            record = combine_processes([json.loads((f / path.name).read_text()) for f in folders])
+            write(record, [Path(d) / path.name for d in args.out_dir or [HERE / "results"]],
+                  started)
+            records.append(record)
+    print()
+    for record in records:
+        print(summary(record))
+    print(f"bench_model: {args.processes} processes, {time.perf_counter() - started:.1f} s in all")
+    return records
 
 
 # ----------------------------------------------------------------------------- main
@@ -458,6 +559,11 @@ def parse_args(argv):
                    help="seconds; rows and cases left when it is spent are recorded as skipped")
     p.add_argument("--out-dir", action="append", default=None,
                    help="folder for the JSON files (repeatable; default bench/results)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the benchmark this many times, each in a process of its own, one "
+                        "after another, and give each ratio's median over the processes with "
+                        "its 95%% interval (default 1: this process only)")
+    p.add_argument("--process-dir", default=None, help=argparse.SUPPRESS)  # one of --processes
     args = p.parse_args(argv)
     defaults = DEFAULTS[args.device]
     args.batches = [int(b) for b in (args.batch or defaults["batch"]).split(",")]
@@ -469,8 +575,9 @@ def parse_args(argv):
         p.error("--amp autocasts to a lower precision: give --dtype bf16 or fp16")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    if min(args.batches) < 1 or args.repeats < 1 or args.warmup < 0 or args.seconds < 0:
-        p.error("--batch and --repeats must be >= 1, --warmup and --seconds >= 0")
+    if min(args.batches) < 1 or args.repeats < 1 or args.processes < 1 or args.warmup < 0 or \
+            args.seconds < 0:
+        p.error("--batch, --repeats and --processes must be >= 1, --warmup and --seconds >= 0")
     args.device = torch.device(args.device)
     args.amp_dtype = DTYPES[args.dtype] if args.amp else None
     args.weight_dtype = torch.float32 if args.amp else DTYPES[args.dtype]
@@ -479,7 +586,10 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.processes > 1:
+        return in_processes(argv, args)
     started = time.perf_counter()
     deadline = started + args.time_budget if args.time_budget is not None else math.inf
 
@@ -492,7 +602,9 @@ def main(argv=None):
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.fail_on_recompile_limit_hit = True
     args.malloc = measure.use_malloc(args.malloc)
-    info, out_dirs = machine_info(), [Path(d) for d in args.out_dir or [HERE / "results"]]
+    info = machine_info()
+    out_dirs = [Path(args.process_dir)] if args.process_dir else \
+        [Path(d) for d in args.out_dir or [HERE / "results"]]
     records = []
     for model_name in args.models:
         torch.manual_seed(0)
@@ -513,7 +625,7 @@ def main(argv=None):
                   "timing": "CUDA events, median of interleaved turns" if
                   args.device.type == "cuda" else
                   "torch.utils.benchmark.Timer, median of interleaved turns",
-                  "machine": info, "cases": []}
+                  "machine": info, "process_id": os.getpid(), "cases": []}
         paths = [d / file_name(model_name, args, info) for d in out_dirs]
         for batch in args.batches:
             if time.perf_counter() > deadline:

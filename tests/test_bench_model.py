@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,40 @@ def test_every_row_at_every_batch(tmp_path):
                                                                              len(schedule))
         # the bound computes no similarity: below the default by that alone
         assert rows["bound"]["flops_fraction"] < rows["tt_kernels default"]["flops_fraction"]
+
+
+def test_processes_give_each_statistic_over_separate_runs(tmp_path, capsys):
+    """--processes 2: the benchmark runs twice, in two processes of its own; each row's time,
+    speedup and turn-by-turn "of bound" are given over the two: their median (for two, the mean)
+    and its interval (for two, their range, of coverage 1 - 2^(1 - 2) = 0.5)."""
+    (returned,) = bench_model.main(ARGV + ["--batch", "1", "--repeats", "3", "--processes", "2",
+                                           "--out-dir", str(tmp_path)])
+    record = _record(tmp_path)
+    assert record["processes"] == 2 and returned["processes"] == 2
+    pids = {run["process_id"] for run in record["runs"]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    (case,) = record["cases"]
+    runs = [run["cases"][0]["rows"] for run in record["runs"]]
+    statistics = {"ms_by_process": lambda row: row["ms"],
+                  "speedup_by_process": lambda row: row["speedup"],
+                  "of_bound_by_process": lambda row: row["of_bound_by_turn"]["median"]}
+    held = {name for name, row in runs[0].items() if "bound_row" in row}
+    assert len(held) == 4  # the three reducing rows and r=0
+    for name, row in case["rows"].items():
+        assert row["schedule"] == runs[0][name]["schedule"] == runs[1][name]["schedule"]
+        assert ("of_bound_by_process" in row) == (name in held)
+        for key in set(statistics) & set(row):
+            values = [statistics[key](run[name]) for run in runs]
+            assert row[key]["processes"] == values
+            assert math.isclose(row[key]["median"], sum(values) / 2, rel_tol=1e-12)
+            assert (row[key]["low"], row[key]["high"]) == (min(values), max(values))
+            assert row[key]["coverage"] == 0.5
+    assert "process_id" not in record  # only each run's
+    assert "medians over 2 processes" in capsys.readouterr().out
+    changed = copy.deepcopy(record["runs"])
+    changed[1]["cases"][0]["rows"]["bound"]["schedule"][0] += 1
+    with pytest.raises(RuntimeError, match="bound ran other schedules in other processes"):
+        bench_model.combine_processes(changed)
 
 
 def test_bound_runs_the_default_token_counts():
