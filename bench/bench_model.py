@@ -424,7 +424,8 @@ def _images_per_s(case):
 
 def summary(record):
     """One model's rows against its batches: speedup over timm eager (of bound); for a record
-    of --processes, medians over the processes, of bound turn by turn with its 95% interval."""
+    of --processes, medians over the processes, of bound turn by turn with the interval of its
+    median over the processes."""
     cases = record["cases"]
     names = list(dict.fromkeys(n for c in cases for n in c.get("rows", {})))
     cells = {name: [_cell(c["rows"][name]) if name in c.get("rows", {}) else c["status"]
@@ -498,8 +499,9 @@ def combine_processes(runs):
 
 def in_processes(argv, args):
     """--processes K: this script with the same arguments in K processes, one after another, each
-    writing its JSONs to a folder of its own; then, per model, combine_processes of its K records,
-    written to the --out-dir folders and printed as summary tables."""
+    writing its JSONs to a folder of its own (a failed process raises CalledProcessError); then,
+    per model, combine_processes of its K records, written to the --out-dir folders and printed as
+    summary tables."""
     started = time.perf_counter()
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -561,8 +563,9 @@ def parse_args(argv):
                    help="folder for the JSON files (repeatable; default bench/results)")
     p.add_argument("--processes", type=int, default=1,
                    help="run the benchmark this many times, each in a process of its own, one "
-                        "after another, and give each ratio's median over the processes with "
-                        "its 95%% interval (default 1: this process only)")
+                        "after another (each with the whole --time-budget), and give each "
+                        "ratio's median over the processes with its interval (95%% from 6 "
+                        "processes; default 1: this process only)")
     p.add_argument("--process-dir", default=None, help=argparse.SUPPRESS)  # one of --processes
     args = p.parse_args(argv)
     defaults = DEFAULTS[args.device]
