@@ -143,9 +143,13 @@ Construction check_match(const char* op, const std::optional<at::Tensor>& metric
   TORCH_CHECK_VALUE(metric.has_value() || score.has_value(), op, ": give `metric` or `score`");
   const at::Tensor& ref = metric.has_value() ? *metric : *score;
   if (metric.has_value()) {
-    check_tokens(op, "metric", *metric, 3);
+    // [B, N, D], or per head [B, H, N, D]: the tokens are then compared by their sum over heads
+    TORCH_CHECK(metric->dim() == 3 || metric->dim() == 4, op,
+                ": `metric` must have shape [B, N, D] or [B, H, N, D], got shape ",
+                metric->sizes());
+    check_tokens(op, "metric", *metric, metric->dim());
     c.batch = metric->size(0);
-    c.tokens = metric->size(1);
+    c.tokens = metric->size(-2);
   } else {
     TORCH_CHECK(score->dim() == 2, op, ": `score` must have shape [B, N], got ", score->sizes());
     c.batch = score->size(0);

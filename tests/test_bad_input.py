@@ -61,6 +61,7 @@ def _with_nan(t):
 OP_CASES = [
     # wrong rank
     ("match-metric-rank", lambda g: g.match(metric=g.metric[..., 0]), "metric"),
+    ("match-metric-rank-5", lambda g: g.match(metric=g.metric[:, None, :, None]), "metric"),
     ("match-score-rank", lambda g: g.match(metric=None, score=g.score[0], method="prune"), "score"),
     ("transform-x-rank", lambda g: g.transform(x=g.x[0]), "x"),
     ("apply-x-rank", lambda g: g.apply(x=g.x[..., 0]), "x"),
@@ -226,6 +227,7 @@ API_CASES = [
     ("x-N", _api_transform, dict(x=lambda g: g.x[:, 1:]), "x"),
     ("score-N", _api_transform, dict(score=lambda g: g.score[:, 1:]), "score"),
     ("metric-N", _api_transform, dict(metric=lambda g: g.metric[:, 1:]), "metric"),
+    ("per-head-metric-N", _api_transform, dict(metric=lambda g: g.metric[:, None, 1:]), "metric"),
     ("size-N", _api_transform, dict(size=lambda g: g.size[:, 1:]), "size"),
     ("size-nan", _api_transform, dict(size=lambda g: _with_nan(g.size)), "size"),
     ("size-f64", _api_transform, dict(size=lambda g: g.size.double()), "size"),

@@ -3,8 +3,8 @@ backend of the `tt` fixture (tests/conftest.py) on the case grid of tests/refere
 import pytest
 import torch
 
-from conftest import construction_kwargs, make_tokens
-from reference_cases import CASES, assert_same_T, inputs, ref_match
+from conftest import DTYPES, construction_kwargs, make_tokens
+from reference_cases import CASES, assert_same_T, assert_step, inputs, ref_match
 from tt_kernels import reference, verify
 
 
@@ -32,6 +32,35 @@ def test_metric_widths_off_every_vector_width(tt, D, method, cost):
         seed += 100
     got = tt.match(t["metric"], t["score"], t["size"], **args)
     assert_same_T(got, ref_match(t, args))
+
+
+def per_head_keys(B, N, H, D, dtype, seed):
+    """Attention keys [B, H, N, D] as a ViT's attention holds them: a strided view of its qkv
+    projection [B, N, 3, H, D], a share of each head common to the image's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, D, generator=g) + 1.5 * torch.randn(B, 1, 3, H, D, generator=g)
+    return qkv.to(dtype)[:, :, 1].transpose(1, 2)
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method,k,cost", [("tome", 1, "cosine"), ("spread", 2, "ward")])
+def test_per_head_metric_is_compared_by_its_head_sum(tt, dtype, method, k, cost):
+    """A metric [B, H, N, D] is compared by its sum over heads: the reference's T is its T of the
+    sum (exact, float64), and the kernels', whose fp32 sum verify.head_sum_error bounds, is the
+    reference's (seeds clear of near ties: dst exactly), in tt.match and tt.transform."""
+    args = dict(r=9, method=method, prefix=1, **construction_kwargs(method, k=k, cost=cost))
+    size = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    seed = 0
+    while verify.near_ties(keys := per_head_keys(2, 37, 3, 16, dtype, seed), None, size,
+                           **args).any():
+        seed += 1
+    assert keys.dim() == 4 and not keys.is_contiguous()
+    want = reference.match(keys, None, size, **args)
+    assert_same_T(want, reference.match(keys.double().sum(1), None, size, **args))
+    assert_same_T(tt.match(keys, None, size, **args), want)
+    x = make_tokens(2, 37, dtype=dtype)["x"]
+    assert_step(tt.transform(x, size, keys, None, **args), x, size, keys, None, args)
 
 
 @pytest.mark.interpreted

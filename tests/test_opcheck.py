@@ -18,12 +18,14 @@ def _calls(dtype):
     q = torch.randn(B, 3, N, 8, dtype=dtype)
     k = torch.randn(B, 3, N, 8, dtype=dtype)
     m, s, size = t["metric"], t["score"], t["size"]
+    per_head = torch.randn(B, N, 3, 3, 8, dtype=dtype)[:, :, 1].transpose(1, 2)  # keys in qkv
     return {
         "match_transform": (ops.match, (m, s, size),
                             dict(r=R, method="spread", k=2, alpha=0.5, targets="b")),
         "match_prune_score_only": (ops.match, (None, s), dict(r=R, method="prune")),
         "match_evit": (ops.match, (m, s, size), dict(r=R, method="evit")),
         "match_tome": (ops.match, (m,), dict(r=R, method="tome")),
+        "match_tome_per_head": (ops.match, (per_head,), dict(r=R, method="tome")),
         "apply_mean": (ops.apply, (x, size, dst, weight, N - R), {}),
         "apply_sum": (ops.apply, (x, size, dst, weight, N - R, "sum"), {}),
         "apply_norm": (ops.apply, (x, size, dst, weight, N - R, "norm"), {}),
@@ -33,6 +35,8 @@ def _calls(dtype):
         "transform_tome_sum": (ops.transform, (x, size, m), dict(r=R, method="tome", mode="sum")),
         "transform_ward_norm": (ops.transform, (x, size, m),
                                 dict(r=R, method="spread", mode="norm", cost="ward")),
+        "transform_per_head_ward": (ops.transform, (x, size, per_head),
+                                    dict(r=R, method="spread", k=2, cost="ward")),
         "transform_prune": (ops.transform, (x, size, m, s), dict(r=R, method="prune")),
         "cls_attention": (ops.cls_attention, (q, k, size), {}),
         "cls_attention_scale": (ops.cls_attention, (q, k), dict(scale=0.25)),

@@ -53,20 +53,25 @@ def vit_tokens():
         attn = model.blocks[3].attn
         B, N, C = x.shape
         qkv = attn.qkv(model.blocks[3].norm1(x)).reshape(B, N, 3, attn.num_heads, -1)
-        keys = qkv[:, :, 1].mean(2)
-    return x, keys
+        per_head = qkv[:, :, 1].transpose(1, 2)  # [B, H, N, Dh], as the attention holds them
+    return x, per_head
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("r", [1, 13, 98])
 @pytest.mark.parametrize("prefix", [1, 2])
-def test_tome_equals_published_algorithm(vit_tokens, backend, r, prefix):
-    x, keys = vit_tokens
+@pytest.mark.parametrize("metric", ["mean", "per_head"])
+def test_tome_equals_published_algorithm(vit_tokens, backend, r, prefix, metric):
+    """ToMe's metric is the keys' mean over heads: given as such, or per head (the op then
+    compares the tokens by the keys' sum over heads, which has the mean's cosines)."""
+    x, per_head = vit_tokens
+    keys = per_head.mean(1)
     size = torch.rand(x.shape[:2]) + 1  # after earlier merges sizes differ
     if prefix == 2:
         r = min(r, (x.shape[1] - 2) // 2)
-    x_out, size_out, T = tt_kernels.transform(x, keys, r, size=size, method="tome",
-                                              prefix=prefix, backend=backend)
+    x_out, size_out, T = tt_kernels.transform(x, keys if metric == "mean" else per_head, r,
+                                              size=size, method="tome", prefix=prefix,
+                                              backend=backend)
     assert x_out.shape == (x.shape[0], x.shape[1] - r, x.shape[2])
     for b in range(x.shape[0]):
         expected = published_tome(x[b], size[b], keys[b], r, distill_token=prefix == 2)

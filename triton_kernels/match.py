@@ -341,6 +341,8 @@ def match_config(N):
 def launch_match(metric, score, size, r, method, k, tau, alpha, targets, prefix, cost="cosine",
                  rows=None):
     """Runs match_kernel on checked inputs; `rows` = (start, entry) buffers to fill as well."""
+    if metric is not None and metric.dim() == 4:  # per head: compared by the sum over heads
+        metric = metric.sum(1, dtype=torch.float32)
     ref = metric if metric is not None else score
     B, N = ref.shape[:2]
     config = match_config(N)

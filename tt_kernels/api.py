@@ -48,7 +48,7 @@ def match(metric, r, *, score=None, size=None, method="spread", k=1, tau=0.1,
         raise ValueError("tt.match: give `metric` or `score`")
     dst, weight = implementation("match", backend, ref.device)(
         metric, score, size, r, method, k, tau, alpha, targets, prefix, cost)
-    return SparseT(dst, weight, ref.shape[1] - r)
+    return SparseT(dst, weight, dst.shape[1] - r)
 
 
 def transform(x, metric, r, *, size=None, score=None, method="spread", k=1, tau=0.1,
@@ -56,7 +56,8 @@ def transform(x, metric, r, *, size=None, score=None, method="spread", k=1, tau=
               cost="cosine", backend=None):
     """One Token Transforming step: remove r of the N tokens of x [B, N, C].
 
-    metric [B, N, D] gives the similarities (tome, spread); score [B, N] the importance
+    metric [B, N, D] gives the similarities (tome, spread), or per head [B, H, N, D] their sum over
+    heads (the attention's keys as they lie: ToMe's metric); score [B, N] the importance
     (prune, evit, source="importance"/"mix"); size [B, N] how many patches each token stands for
     (default ones). cost="ward" ranks merges by Ward's cost instead of the cosine; mode="norm"
     keeps each merged token's norm at the size-weighted mean of its inputs'. These defaults are

@@ -46,7 +46,7 @@ def _slots(method, k):
 def _(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1, alpha=0.0,
       targets="all", prefix=1, cost="cosine"):
     ref = metric if metric is not None else score
-    B, N = ref.shape[:2]
+    B, N = ref.shape[0], ref.shape[-2] if metric is not None else ref.shape[1]  # metric: N, D last
     K = _slots(method, k)
     return ref.new_empty(B, N, K, dtype=torch.long), ref.new_empty(B, N, K, dtype=torch.float32)
 

@@ -33,14 +33,31 @@ def cosine_error(D):
     return (2 * D + 6) * U32
 
 
-def weight_tol(D=16, tau=0.1, size_max=4.0, N=257):
+def head_sum_error(metric):
+    """Bound on what the fp32 sum over heads of a per-head metric [B, H, N, D] adds to a cosine's
+    error; 0 for a metric [B, N, D]. Each channel of a token's sum errs by at most (H - 1) u times
+    the sum of its terms' magnitudes (in any order): an error vector of relative length delta (of
+    the sum's length) turns the token's unit vector by at most 2 delta, so a cosine of two tokens
+    errs by at most 2 delta of each, 4 delta of the worst token. A sum that cancels to nothing
+    from terms that do not has no bound (inf)."""
+    if metric is None or metric.dim() != 4:
+        return 0.0
+    m = metric.detach().cpu().double()
+    terms = torch.linalg.vector_norm(m.abs().sum(1), dim=-1)
+    length = torch.linalg.vector_norm(m.sum(1), dim=-1)
+    ratio = torch.where(terms > 0, terms / length, 0.0)  # x / 0 = inf: cancelled
+    return 4 * (m.shape[1] - 1) * U32 * float(ratio.max()) if ratio.numel() else 0.0
+
+
+def weight_tol(D=16, tau=0.1, size_max=4.0, N=257, head_sum=0.0):
     """T's fp32 weights against the float64 reference's, dst being equal. A softmax weight moves by
     at most eps / (2 tau) when its affinities move by at most eps (|dw_i| = w_i |da_i - sum_j w_j
-    da_j| / tau <= w_i (1 - w_i) 2 eps / tau); an affinity errs by the cosine's error, times Ward's
-    size_i size_j / (size_i + size_j) <= size_max / 2. evit's weights are quotients of N-term
-    sums: (2N + 4) u of themselves. Weights of 0 or 1 (prune, tome, k = 1) come out exact."""
+    da_j| / tau <= w_i (1 - w_i) 2 eps / tau); an affinity errs by the cosine's error (and the
+    head sum's, `head_sum_error`), times Ward's size_i size_j / (size_i + size_j) <= size_max / 2.
+    evit's weights are quotients of N-term sums: (2N + 4) u of themselves. Weights of 0 or 1
+    (prune, tome, k = 1) come out exact."""
     pair = max(size_max / 2, 1.0)
-    return dict(atol=pair * cosine_error(D) / (2 * tau), rtol=(2 * N + 4) * U32)
+    return dict(atol=pair * (cosine_error(D) + head_sum) / (2 * tau), rtol=(2 * N + 4) * U32)
 
 
 def sum_tol(terms):
@@ -86,16 +103,17 @@ def near_ties(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1,
     GEMM (tests/test_match.py's twins), and both sides take the lower index. Choices by score
     alone (prune, evit, alpha = 1) compare the same fp32 values on both sides: none. Arguments as
     tt.match's (tau weighs, never chooses)."""
-    B, N = (metric if metric is not None else score).shape[:2]
+    ref = reference.constructions
+    compared = ref.token_metric(metric)
+    B, N = (compared if compared is not None else score).shape[:2]
     near = torch.zeros(B, N, dtype=torch.bool)
     if method not in ("tome", "spread") or alpha == 1 or r == 0 or B == 0:
         return near
-    ref = reference.constructions
-    metric, score = metric.cpu(), None if score is None else score.cpu()
+    score = None if score is None else score.cpu()
     size = torch.ones(B, N) if size is None else size.cpu()
     bound = tie_bound(metric, size, cost)
     is_a, is_b = ref.bipartite_sets(N, prefix)
-    aff = ref.affinity(metric, size, cost)
+    aff = ref.affinity(compared.cpu(), size, cost)
     key = aff[:, is_a][:, :, is_b].amax(-1)
     if alpha > 0:
         key = key * (1 - alpha) + ref._unimportance(score, prefix)[:, is_a] * alpha
@@ -120,10 +138,11 @@ def near_ties(metric, score=None, size=None, r=0, method="spread", k=1, tau=0.1,
 
 def tie_bound(metric, size, cost="cosine"):
     """Twice the fp32 error of an affinity: choices between affinities closer than this are near
-    ties. Ward's cost scales the cosine's error by size_i size_j / (size_i + size_j)."""
+    ties. Ward's cost scales the cosine's error (and the head sum's) by size_i size_j / (size_i +
+    size_j)."""
     pair = max(float(size.max()) / 2, 1.0) if cost == "ward" and size is not None and \
         size.numel() else 1.0
-    return 2 * pair * cosine_error(metric.shape[-1])
+    return 2 * pair * (cosine_error(metric.shape[-1]) + head_sum_error(metric))
 
 
 def _close(got, want, tol):
@@ -167,7 +186,8 @@ def check_T(dst, weight, metric, score=None, size=None, r=0, method="spread", k=
     size_max = float(size.max()) if size is not None and size.numel() else 1.0
     w_ok, details["weight_max_diff"] = _close(
         weight[same], want_weight.cpu()[same],
-        weight_tol(metric.shape[-1] if metric is not None else 1, tau, size_max, N))
+        weight_tol(metric.shape[-1] if metric is not None else 1, tau, size_max, N,
+                   head_sum_error(metric)))
     return ok and w_ok, details
 
 

@@ -158,9 +158,11 @@ struct MatchImage {
 // Host side of a launch (match.cu, transform.cu, and tests/cuda_on_host).
 
 // The metric as the kernels read it: in `dtype` or else widened to fp32 (exactly), so that few
-// dtype pairs are compiled; channels contiguous, so that rows load as vectors.
+// dtype pairs are compiled; channels contiguous, so that rows load as vectors. A per-head metric
+// [B, H, N, D] is summed over its heads first, in fp32 (one reduction).
 inline at::Tensor kernel_metric(at::Tensor metric, at::ScalarType dtype) {
   if (!metric.defined()) return metric;
+  if (metric.dim() == 4) metric = metric.sum(1, false, at::kFloat);
   if (metric.scalar_type() != dtype) metric = metric.to(at::kFloat);
   return metric.stride(2) == 1 ? metric : metric.contiguous();
 }

@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transform_on_host(
   Construction c{};
   c.method = parse_method("tt_host.transform", method);
   c.batch = given.size(0);
-  c.tokens = given.size(1);
+  c.tokens = metric_in.has_value() ? metric_in->size(-2) : score_in->size(1);  // metric: N, D last
   c.r = r;
   c.k = k;
   c.prefix = prefix;

@@ -17,6 +17,12 @@ import torch
 from ..rules import NORM_EPS, SCORE_EPS
 
 
+def token_metric(metric):
+    """The metric the tokens are compared by: a per-head metric [B, H, N, D] summed over its heads
+    (in float64), [B, N, D] as it is."""
+    return metric.double().sum(1) if metric is not None and metric.dim() == 4 else metric
+
+
 def similarity(metric, rows=None):
     """Cosine similarity of the tokens `rows` (default: all) with every token, [B, R, N] float64.
 
@@ -190,6 +196,7 @@ def match(metric, score, size, r, method, k=1, tau=0.1, alpha=0.0, targets="all"
 
     T is a constant of the step, as in every backend: gradients reach x through apply, never
     metric, score or size through T's weights."""
+    metric = token_metric(metric)
     with torch.no_grad():
         if method == "prune":
             return prune(score, r, prefix)
