@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -145,6 +146,11 @@ def test_flops_budget_is_met_from_below(settings):
     # the similarity is counted at the metric's width: full keys cost more than one head's
     width = 48 if settings.get("method") != "tome" and "metric" not in settings else 16
     assert tr.metric_dim(model) == width
+    # torch's counter counts the same through the op's formula (a per-head metric for one head's
+    # width), as the patched forward runs
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        patched(_images(1))
+    assert counter.get_total_flops() == tr.schedule_flops(model, 65)
 
 
 def test_unpatch_restores_the_model():

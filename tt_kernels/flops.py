@@ -50,10 +50,11 @@ def _by_importance(method, alpha):
 
 def _similarity(metric, r, method, alpha, prefix):
     """FlopCounterMode's count of an op's similarity (step_flops) from its metric's shape
-    [B, N, width] and its settings."""
+    [B, N, width] or per head [B, H, N, width] (the head sum's additions are not counted, as
+    norms are not) and its settings."""
     if metric is None or not r:
         return 0
-    images, n, width = metric
+    images, n, width = metric[0], metric[-2], metric[-1]
     return images * step_flops(method, n, prefix, _by_importance(method, alpha), width)
 
 
