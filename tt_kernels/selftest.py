@@ -23,7 +23,8 @@ from .api import max_r
 from .measure import vit_tokens
 
 # name: (tokens N, channels C, heads H, batches); head dim 64. The metric is the full queries
-# (D = C) for transform, the keys' head mean (D = 64) for tome, as tt_kernels.patch passes them.
+# (D = C) for transform, the keys per head ([B, H, N, 64]) for tome, as tt_kernels.patch passes
+# them.
 # Batches: small ones spread each image's removal keys over several blocks (match.cu's keys_kernel), a
 # batch of 160 fills a GPU of up to 320 SMs with one block per image.
 MODELS = {
@@ -51,10 +52,9 @@ MATCH_ORDER = ("k", "tau", "alpha", "targets")
 
 def tokens(B, N, C, H, dtype, device, seed):
     """Inputs that look like a ViT block's (tt_kernels.measure.vit_tokens, drawn on the CPU so that
-    every device gets the same): x, the full queries as transform's metric (D = C), the keys' head
-    mean as tome's, sizes 1-4, a softmax score and per-head q, k."""
+    every device gets the same): x, the full queries as transform's metric (D = C), sizes 1-4, a
+    softmax score and per-head q, k (k: tome's metric)."""
     t = vit_tokens(B, N, C, D=C, dtype=dtype, seed=seed, heads=H, head_dim=HEAD_DIM)
-    t["keys"] = t["k"].mean(1)
     return {name: v.to(device) for name, v in t.items()}
 
 
@@ -69,7 +69,7 @@ def cases(shapes, dtypes, device):
                 t = tokens(B, N, C, H, dtype, device, seed)
                 tag = f"{model}-B{B}-{str(dtype)[6:]}"
                 for name, (kw, mode) in CONSTRUCTIONS.items():
-                    metric = t["keys"] if kw["method"] == "tome" else t["metric"]
+                    metric = t["k"] if kw["method"] == "tome" else t["metric"]
                     r = min(N // 4, max_r(kw["method"], N, 1, kw.get("alpha") == 1))
                     full = dict(dict(k=1, tau=0.1, alpha=0.0, targets="all", cost="cosine"), **kw)
                     rest = (r, full["method"], *(full[k] for k in MATCH_ORDER), 1)
