@@ -35,11 +35,10 @@ def test_metric_widths_off_every_vector_width(tt, D, method, cost):
 
 
 def per_head_keys(B, N, H, D, dtype, seed):
-    """Attention keys [B, H, N, D] as a ViT's attention holds them: a strided view of its qkv
-    projection [B, N, 3, H, D], a share of each head common to the image's tokens."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, N, 3, H, D, generator=g) + 1.5 * torch.randn(B, 1, 3, H, D, generator=g)
-    return qkv.to(dtype)[:, :, 1].transpose(1, 2)
+    """make_tokens' keys [B, H, N, D] laid out as a ViT's attention holds them: a strided view of
+    [B, N, H, D], each token's heads side by side."""
+    k = make_tokens(B, N, dtype=dtype, seed=seed, heads=H, head_dim=D)["k"]
+    return k.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.interpreted
