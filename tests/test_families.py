@@ -107,6 +107,35 @@ def test_nothing_to_remove_is_the_unpatched_model(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_a_block_with_nothing_to_do_runs_unpatched(name, monkeypatch):
+    """Before the first block that removes tokens every block runs its own forward: the family's
+    patched attention is not called, and no queries and keys are kept; from that block on, every
+    block runs patched (its tokens may be merged ones even where it removes none)."""
+    model, x = _model(name), _images()
+    family = type(family_of(model))
+    patched, kept = [], {}
+    attend = family.attend
+    monkeypatch.setattr(family, "attend", staticmethod(
+        lambda block, *args, **kwargs: patched.append(block.token_reduction_index) or
+        attend(block, *args, **kwargs)))
+    tt_kernels.patch(model, r={1: 4}, method=_method(name))
+    tr = model.token_reduction
+
+    def keeps(module, args, out):  # after a block's attention module
+        kept.setdefault(module.block_index, tr._q is not None)
+
+    for i, block in enumerate(family_of(model).blocks):
+        attention = getattr(block, block.token_reduction_parts.attention)
+        attention.block_index = i
+        attention.register_forward_hook(keeps)
+    with torch.no_grad():
+        _forward(model, x)
+    assert tr.schedule == [0, 4, 0]
+    assert patched == [1, 2]
+    assert kept[0] is False
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_flops_budget_is_met_as_flop_counter_mode_counts_it(name):
     """Our counter (vit_flops) and torch's FlopCounterMode on the patched forward agree exactly,
     and the patched forward meets the 60% budget by FlopCounterMode's count."""
@@ -241,13 +270,15 @@ def test_refusals_name_what_is_refused():
         tt_kernels.patch(siglip, r=1, method="prune")
 
 
-def test_a_merged_token_takes_the_mean_rotary_embedding_of_its_patches():
+@pytest.mark.parametrize("settings", [dict(flops=0.6), dict(r={1: 6})])
+def test_a_merged_token_takes_the_mean_rotary_embedding_of_its_patches(settings):
     """Eva's rotary embeddings ride along with the tokens: after the forward, each token's row is
     what every step's T makes of the patches' rows (a size-weighted mean; rows of tokens that
-    nothing joined unchanged), and the last blocks attended with them."""
+    nothing joined unchanged), and the last blocks attended with them; also where the first
+    block removes none (and runs unpatched)."""
     model, x = _model("timm-eva02"), _images()
     rope = model.rope.get_embed()  # [patches, 2 * head width]
-    tt_kernels.patch(model, flops=0.6, record=True)
+    tt_kernels.patch(model, **settings, record=True)
     with torch.no_grad():
         _forward(model, x)
     tr = model.token_reduction

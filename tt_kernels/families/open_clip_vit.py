@@ -71,8 +71,6 @@ class OpenClipViT(Family):
     @staticmethod
     def attend(block, x, size, form, **call):
         tr = block.token_reduction
-        if size is None and not tr.schedule[block.token_reduction_index]:
-            return block.attn(x, x, x, need_weights=False)[0]  # the module's own call
         tr._q, tr._k, out = _attention(block.attn, x, size, attention.resolve(form, x))
         return out
 

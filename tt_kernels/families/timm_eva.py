@@ -37,8 +37,9 @@ class TimmEva(TimmViT):
     @staticmethod
     def attend(block, x, size, form, rope=None, **call):
         tr = block.token_reduction
-        if rope is not None and size is None and block.token_reduction_index == 0:
-            # a new forward: the patches' embeddings, a row per token (the prefix's unused)
+        if rope is not None and size is None:
+            # the forward's first reducing block (the blocks before it ran unpatched): the
+            # patches' embeddings, a row per token (the prefix's unused)
             rows = torch.zeros(x.shape[0], tr.prefix + rope.shape[0], rope.shape[1],
                                dtype=rope.dtype, device=rope.device)
             rows[:, tr.prefix:] = rope
