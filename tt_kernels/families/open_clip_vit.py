@@ -3,7 +3,8 @@
 Its blocks attend with nn.MultiheadAttention, which keeps q and k to itself: a block whose step
 reduces, or whose tokens are merged, runs the same attention from the module's own weights
 (in_proj, SDPA, out_proj) so that q and k can be read and the size bias enter in any form of
-tt_kernels.attention. Other blocks make the module's own call. Average pooling is size-weighted.
+tt_kernels.attention. Other blocks run their own forward (patch._block_forward). Average
+pooling is size-weighted.
 """
 import contextlib
 
