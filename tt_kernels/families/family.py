@@ -131,9 +131,9 @@ class Family:
 def capture_output(module, tr, name, heads=None):
     """Makes `module`'s forward keep its output as tr.<name> on the way in a block that runs
     patched (tr._capture; with `heads`, a linear map's [B, N, H * Dh] as [B, H, N, Dh], a view:
-    the layout of timm's q and k); returns the handle that undoes it. Not a forward hook, which sends every call of the module down
-    Module.__call__'s slow path. Everything a call reads is the module's own, so a deep copy of
-    the model captures into its own copy of tr."""
+    the layout of timm's q and k); returns the handle that undoes it. Not a forward hook, which
+    sends every call of the module down Module.__call__'s slow path. Everything a call reads is
+    the module's own, so a deep copy of the model captures into its own copy of tr."""
     def forward(self, *args, **kwargs):
         out = type(self).forward(self, *args, **kwargs)
         tr = self.token_reduction
