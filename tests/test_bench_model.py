@@ -66,7 +66,7 @@ def test_every_row_at_every_batch(tmp_path):
     bound_of = {"tt_kernels default": "bound", "tt_kernels tome": "bound, tome's schedule",
                 published: "bound, constant r"}
     reducing = list(bound_of)
-    unreduced = ["timm eager", "tt_kernels r=0"]
+    unreduced = ["timm eager", "bound, nothing removed", "tt_kernels r=0"]
     schedule = _default_schedule()
     assert sum(schedule) > 0  # the budget removes tokens, so the rows below differ
     assert record["cases"][0]["rows"]["tt_kernels tome"]["schedule"] != schedule  # told apart
@@ -96,7 +96,7 @@ def test_every_row_at_every_batch(tmp_path):
                 by_turn["high"] and by_turn["coverage"] == 0  # one turn is no interval
             assert math.isclose(by_turn["median"], rows[name]["of_bound"], rel_tol=1e-12)
             assert rows[bound_of[name]]["schedule"] == rows[name]["schedule"], name
-        assert rows["tt_kernels r=0"]["bound_row"] == "timm eager"
+        assert rows["tt_kernels r=0"]["bound_row"] == "bound, nothing removed"
         assert rows["tt_kernels default"]["schedule"] == schedule
         assert rows[published]["schedule"] == bench_model.published_schedule(n0, r_tome,
                                                                              len(schedule))
