@@ -27,13 +27,13 @@ Reducing rows also report their time as a fraction of their bound's in the same 
 ("of bound": bound time / row time, of the medians), r=0 of the unpatched copy's, with that
 fraction turn by turn ("by turn", tt_kernels.measure.ratio_by_turn): its median, printed with the
 median's 95% interval (the JSON also holds the quartiles). Where a goal lies inside the interval,
-the run does not settle it. The turn by turn median pairs each row with its bound in the same turn, so a change of load
-between turns cancels; the interval counts the turns as independent, and runs in separate
-processes can differ by more (bench/results/turns200 at 93df24d and at 0cf041f, 200 turns each).
-So --processes K runs the whole benchmark K times, each in a process of its own, one after
-another, and gives each row's time, speedup and turn-by-turn "of bound" as the median over the
-processes with that median's 95% interval, over independent runs (6 processes or more reach 95%);
-the JSON keeps every process's record.
+the run does not settle it. The turn by turn median pairs each row with its bound in the same
+turn, so a change of load between turns cancels; the interval counts the turns as independent, and
+runs in separate processes can differ by more (bench/results/turns200 at 93df24d and at 0cf041f,
+200 turns each). So --processes K runs the whole benchmark K times, each in a process of its
+own, one after another, and gives each row's time, speedup and turn-by-turn "of bound" as the
+median over the processes with that median's 95% interval, over independent runs (6 processes or
+more reach 95%); the JSON keeps every process's record.
 FLOPs fractions come from the exact counter
 (tt_kernels.vit_flops) applied to the token counts each block actually ran with (forward hooks),
 checked against the patched model's own token_reduction.schedule and schedule_flops.
