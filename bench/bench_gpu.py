@@ -541,7 +541,8 @@ def main():
                          "twice their fp32 error bound), other outputs within bounds from the "
                          "arithmetic",
         "bytes_method": bytes_moved.__doc__,
-        "shapes": {m: dict(zip(("label", "N", "C", "Dh", "H", "r"), models[m])) for m in model_names},
+        "shapes": {m: dict(zip(("label", "N", "C", "Dh", "H", "r"), models[m]))
+                   for m in model_names},
         "batches": batches,
         "dtype": "bfloat16 (x, q, k; the metrics are views of q, k); fp32 size, score, weight",
         "constructions": {n: dict(zip(("method", "k", "tau", "alpha", "targets"), c))
@@ -612,7 +613,8 @@ def main():
               f"{step['block_ms']['median_ms']:.3f} ms):")
         for construction, per in step["steps"].items():
             print("  " + construction + ": " + ", ".join(
-                f"{b} {v['ms']:.3f} ms = {100 * v['fraction_of_block']:.1f}%" for b, v in per.items()))
+                f"{b} {v['ms']:.3f} ms = {100 * v['fraction_of_block']:.1f}%"
+                for b, v in per.items()))
     elif step:
         print(f"\nreduction step: {step.get('error') or step.get('skipped')}")
     spills = [row for row in doc["triton_kernel_resources"] if row.get("n_spills")]
